@@ -1,0 +1,116 @@
+"""Pure builders from settings to library objects, and the model/tokenizer loader."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from trainables.settings import LoraSettings, ModelSettings, SettingsError
+
+log = logging.getLogger(__name__)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def bnb_config(m: ModelSettings):
+    """nf4 + double quant with bf16 (or fp32) compute, or None when quantization is off."""
+    if m.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(m.dtype),
+    )
+
+
+def lora_config(lo: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        use_rslora=lo.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def device_map():
+    """Each process puts the whole model on its own device: its local GPU under Ray Train / torchrun, else CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def check_model_source(m: ModelSettings) -> None:
+    """Fail early on a local model directory that is missing or lacks a tokenizer."""
+    p = Path(m.name_or_path).expanduser()
+    looks_local = p.is_absolute() or m.name_or_path.startswith((".", "~")) or p.exists()
+    if not looks_local:
+        return  # a hub id; resolved by from_pretrained
+    if not p.is_dir():
+        raise SettingsError(f"model.name_or_path: directory {m.name_or_path} does not exist")
+    if not (p / "config.json").exists():
+        raise SettingsError(f"model.name_or_path: {m.name_or_path} has no config.json; point it at a model directory")
+    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise SettingsError(f"model.name_or_path: {m.name_or_path} has no tokenizer files; save the tokenizer there")
+
+
+def load_tokenizer(m: ModelSettings):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(m: ModelSettings):
+    """The frozen base: 4-bit nf4 through bitsandbytes, or bf16/fp32."""
+    from transformers import AutoModelForCausalLM
+
+    # With 4-bit, the modules left unquantized (embeddings, norms, head) are kept in fp32 as in QLoRA, and the same
+    # load is used for training and inference, so both compute identical numbers.
+    model = AutoModelForCausalLM.from_pretrained(
+        m.name_or_path,
+        quantization_config=bnb_config(m),
+        dtype=torch_dtype("float32" if m.quantization == "4bit" else m.dtype),
+        device_map=device_map(),
+        trust_remote_code=m.trust_remote_code,
+    )
+    model.config.use_cache = False
+    return model
+
+
+def load_peft_model(m: ModelSettings, lo: LoraSettings):
+    """Base + fresh LoRA adapters. Only the adapters are trainable."""
+    from peft import get_peft_model
+
+    model = load_base_model(m)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(lo))
+
+
+def load_adapter_model(m: ModelSettings, adapter_dir: str | Path):
+    """Base loaded exactly as for training, plus the saved adapter, in eval mode."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base_model(m), str(adapter_dir))
+    model.eval()
+    return model

@@ -1,0 +1,183 @@
+"""The QLoRA SFT loop for one trial: plain code that takes a `report` callable and runs with or without Ray.
+
+    report(metrics: dict, checkpoint_dir: str | None) -> None
+
+is called every `eval.every_steps` optimizer steps and at the last step, on every rank (Ray Train wants all ranks
+to report); `checkpoint_dir` holds the adapter (safetensors), tokenizer and settings on rank 0 and is None elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from trainables import metrics as M
+from trainables.data import ChatFormatter, Splits, load_splits
+from trainables.model import load_peft_model, load_tokenizer
+from trainables.predict import Classifier
+from trainables.settings import TrialSettings
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, Any], "str | None"], None]
+
+
+def sft_config(s: TrialSettings, output_dir: str):
+    """TRL's SFTConfig for these settings. HF reporting integrations are off: our `report` is the only channel."""
+    import torch
+    from trl import SFTConfig
+
+    on_gpu = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=s.optim.max_steps,
+        per_device_train_batch_size=s.optim.batch_size,
+        per_device_eval_batch_size=s.eval.batch_size,
+        gradient_accumulation_steps=s.optim.grad_accum,
+        learning_rate=s.optim.learning_rate,
+        lr_scheduler_type=s.optim.lr_scheduler,
+        warmup_steps=s.optim.warmup_ratio,  # a float < 1 is a ratio of max_steps
+        weight_decay=s.optim.weight_decay,
+        eval_strategy="steps",
+        eval_steps=s.eval.every_steps,
+        save_strategy="no",
+        logging_steps=max(1, min(10, s.eval.every_steps)),
+        report_to="none",
+        disable_tqdm=True,
+        seed=s.seed,
+        data_seed=s.seed,
+        bf16=on_gpu and s.model.dtype == "bfloat16",
+        use_cpu=not on_gpu,
+        completion_only_loss=True,
+        max_length=None,  # examples are already cut to data.max_length without losing the completion
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        gradient_checkpointing=False,  # handled when the model is built (model.gradient_checkpointing)
+        remove_unused_columns=True,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def prepare_data(s: TrialSettings, tokenizer) -> tuple[Splits, ChatFormatter, dict, dict, dict[str, Any]]:
+    """Splits, formatter, tokenized train/val columns and the data statistics (counts, lengths, truncations)."""
+    splits = load_splits(s.data, seed=s.seed)
+    fmt = ChatFormatter(tokenizer, s.data)
+    train_cols, train_len = fmt.encode(splits.train)
+    val = splits.val[: s.eval.max_examples] if s.eval.max_examples else splits.val
+    val_cols, val_len = fmt.encode(val)
+    stats = {"counts": splits.counts, "lengths": {"train": train_len, "val": val_len}}
+    return splits, fmt, train_cols, val_cols, stats
+
+
+def _flatten(prefix: str, d: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(key + "/", v))
+        elif isinstance(v, (int, float)):
+            out[key] = v
+    return out
+
+
+def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = None) -> dict[str, Any]:
+    """Fine-tune LoRA adapters on a (4-bit) base with TRL's SFTTrainer; returns the last metrics and data stats.
+
+    `checkpoint_dir`: a checkpoint written by an earlier report of this trial; training restarts from its adapter.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback, set_seed
+    from trl import SFTTrainer
+
+    s = settings
+    set_seed(s.seed)
+    t0 = time.time()
+    tokenizer = load_tokenizer(s.model)
+    splits, fmt, train_cols, val_cols, data_stats = prepare_data(s, tokenizer)
+    t_data = time.time() - t0
+    log.info("data: %s", json.dumps(data_stats))
+    model = load_peft_model(s.model, s.lora)
+    if checkpoint_dir:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(Path(checkpoint_dir) / "adapter_model.safetensors")))
+    t_model = time.time() - t0 - t_data
+
+    val_examples = splits.val[: s.eval.max_examples] if s.eval.max_examples else splits.val
+    bal_examples = splits.val_balanced[: s.eval.max_examples] if s.eval.max_examples else splits.val_balanced
+    positive = s.data.minority_label
+    classifier = Classifier(model, fmt, batch_size=s.eval.batch_size)
+    last: dict[str, Any] = {}
+
+    class ReportCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps:
+                control.should_evaluate = True  # always evaluate the final adapter
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            t_eval = time.time()
+            nat = classifier.evaluate(val_examples, positive)
+            bal = classifier.evaluate(bal_examples, positive)
+            losses = [h["loss"] for h in state.log_history if "loss" in h]
+            out = {
+                M.STEP: state.global_step,
+                "epoch": round(state.epoch or 0.0, 4),
+                M.F1: nat["f1"],
+                M.PRECISION: nat["precision"],
+                M.RECALL: nat["recall"],
+                M.F1_BALANCED: bal["f1"],
+                "val_bal_precision": bal["precision"],
+                "val_bal_recall": bal["recall"],
+                M.EVAL_LOSS: (metrics or {}).get("eval_loss", float("nan")),
+                "train_loss": losses[-1] if losses else float("nan"),
+                "learning_rate": next((h["learning_rate"] for h in reversed(state.log_history)
+                                       if "learning_rate" in h), s.optim.learning_rate),
+                "eval_seconds": round(time.time() - t_eval, 3),
+                "elapsed_seconds": round(time.time() - t0, 3),
+                "train_tokens": state.num_input_tokens_seen,
+            }
+            if state.global_step == s.eval.every_steps or state.global_step >= state.max_steps:
+                out.update({"data_seconds": round(t_data, 3), "model_load_seconds": round(t_model, 3)})
+            last.clear()
+            last.update(out)
+            if args.process_index == 0:
+                with tempfile.TemporaryDirectory(prefix="qlora-ckpt-") as tmp:
+                    save_adapter(model, tokenizer, s, tmp, out)
+                    report(out, tmp)
+            else:
+                report(out, None)
+
+    train_ds = Dataset.from_dict(train_cols)
+    val_ds = Dataset.from_dict(val_cols)
+    with tempfile.TemporaryDirectory(prefix="qlora-sft-") as scratch:
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(s, s.output_dir or scratch),
+            train_dataset=train_ds,
+            eval_dataset=val_ds,
+            processing_class=tokenizer,
+            callbacks=[ReportCallback()],
+        )
+        trainer.train()
+    result = dict(last)
+    result["data"] = data_stats
+    result["wall_seconds"] = round(time.time() - t0, 3)
+    del trainer
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return result
+
+
+def save_adapter(model, tokenizer, settings: TrialSettings, out_dir: str | Path, metrics: dict | None = None) -> None:
+    """Adapter weights (safetensors) + config, tokenizer, and the trial settings needed to reload it."""
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "trial_settings.json").write_text(settings.model_dump_json(indent=2))
+    if metrics is not None:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
