@@ -87,7 +87,8 @@ def _flatten(prefix: str, d: dict[str, Any]) -> dict[str, float]:
 def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = None) -> dict[str, Any]:
     """Fine-tune LoRA adapters on a (4-bit) base with TRL's SFTTrainer; returns the last metrics and data stats.
 
-    `checkpoint_dir`: a checkpoint written by an earlier report of this trial; training restarts from its adapter.
+    `checkpoint_dir`: a checkpoint written by an earlier report of this trial; training resumes from it (adapter,
+    optimizer, scheduler and step), so a retried trial continues its curve instead of starting over.
     """
     import torch
     from datasets import Dataset
@@ -102,11 +103,6 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
     t_data = time.time() - t0
     log.info("data: %s", json.dumps(data_stats))
     model = load_peft_model(s.model, s.lora)
-    if checkpoint_dir:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(str(Path(checkpoint_dir) / "adapter_model.safetensors")))
     t_model = time.time() - t0 - t_data
 
     val_examples = splits.val[: s.eval.max_examples] if s.eval.max_examples else splits.val
@@ -149,6 +145,7 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
             if args.process_index == 0:
                 with tempfile.TemporaryDirectory(prefix="qlora-ckpt-") as tmp:
                     save_adapter(model, tokenizer, s, tmp, out)
+                    save_train_state(trainer, tmp)
                     report(out, tmp)
             else:
                 report(out, None)
@@ -164,7 +161,7 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
             processing_class=tokenizer,
             callbacks=[ReportCallback()],
         )
-        trainer.train()
+        trainer.train(resume_from_checkpoint=checkpoint_dir)
     result = dict(last)
     result["data"] = data_stats
     result["wall_seconds"] = round(time.time() - t0, 3)
@@ -181,3 +178,15 @@ def save_adapter(model, tokenizer, settings: TrialSettings, out_dir: str | Path,
     (out / "trial_settings.json").write_text(settings.model_dump_json(indent=2))
     if metrics is not None:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def save_train_state(trainer, out_dir: str | Path) -> None:
+    """What HF's `resume_from_checkpoint` needs beside the adapter: optimizer, scheduler and trainer state.
+
+    Tensors only: they load back with `torch.load(weights_only=True)`."""
+    import torch
+
+    out = Path(out_dir)
+    torch.save(trainer.optimizer.state_dict(), out / "optimizer.pt")
+    torch.save(trainer.lr_scheduler.state_dict(), out / "scheduler.pt")
+    trainer.state.save_to_json(str(out / "trainer_state.json"))

@@ -1,0 +1,122 @@
+"""The experiment config: what a search runs. YAML files and `--set KEY=VALUE` only fill this schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trainables import metrics as M
+from trainables.settings import SettingsError, TrialSettings, merge_dotted, validate
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Objective(_Strict):
+    metric: str = M.F1
+    mode: Literal["max", "min"] = "max"
+
+
+class SchedulerSettings(_Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, gt=0, description="Evaluation rounds every trial gets before ASHA may stop it.")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SearcherSettings(_Strict):
+    algorithm: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    n_startup_trials: int = Field(3, ge=1, description="Random trials before TPE starts modelling (Optuna).")
+
+
+class ResourceSettings(_Strict):
+    num_workers: int = Field(1, gt=0, description="Ray Train workers per trial (DDP when > 1).")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    custom_per_worker: dict[str, float] = Field({}, description="Extra Ray resources per worker, e.g. {A10G: 1}.")
+
+    def per_worker_str(self) -> str:
+        parts = [f"CPU={self.cpus_per_worker:g}"] + ([f"GPU={self.gpus_per_worker:g}"] if self.gpus_per_worker else [])
+        return "{" + ", ".join(parts + [f"{k}={v:g}" for k, v in self.custom_per_worker.items()]) + "}"
+
+
+class MlflowSettings(_Strict):
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="sqlite/file for one machine; http(s) for clusters.")
+    experiment: str = "qlora-search"
+    registered_model: str = Field("qlora-search-{name}", description="Registry name; {name} is the search name.")
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field("sms-spam", pattern=r"^[A-Za-z0-9_.-]+$")
+    trial: TrialSettings = TrialSettings()
+    space: str = Field("spaces/classification.yaml", description="Search space file.")
+    objective: Objective = Objective()
+    searcher: SearcherSettings = SearcherSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    num_trials: int = Field(8, gt=0)
+    max_concurrent_trials: int = Field(2, gt=0)
+    resources: ResourceSettings = ResourceSettings()
+    max_failures: int = Field(2, ge=0, description="Retries of a trial's Train workers from their last checkpoint.")
+    output_dir: str = Field("runs", description="Search results go to <output_dir>/<name>/.")
+    model_cache: str = Field(".cache", description="Where the built-in tiny model is built and kept.")
+    ray_address: str | None = Field(None, description="None: start a local Ray; 'auto' or host:port to join one.")
+    mlflow: MlflowSettings = MlflowSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExperimentConfig":
+        if self.objective.metric not in OBJECTIVE_METRICS:
+            raise ValueError(f"objective.metric {self.objective.metric!r} is not one of {sorted(OBJECTIVE_METRICS)}")
+        return self
+
+    def search_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+
+OBJECTIVE_METRICS = {M.F1, M.F1_BALANCED, M.EVAL_LOSS, M.PRECISION, M.RECALL}
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set a.b=VALUE` pairs; VALUE is parsed as YAML (numbers, booleans, lists, null)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SettingsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trial.optim.max_steps=200")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, name: str | None = None) -> ExperimentConfig:
+    """Defaults, then the YAML file, then `--set` overrides, then `--name`; validated with one-line errors."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise SettingsError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise SettingsError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(data, dict):
+            raise SettingsError(f"{path}: expected a mapping of settings at the top level")
+    sets = parse_set(overrides or [])
+    if name:
+        sets["name"] = name
+    if sets:
+        source = f"{source} (with --set/--name)"
+    return validate(ExperimentConfig, merge_dotted(data, sets), source=source)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

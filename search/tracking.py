@@ -1,0 +1,178 @@
+"""MLflow tracking, all in the driver: one parent run per search, one nested child run per trial.
+
+Trials never talk to MLflow themselves; a Tune callback turns each reported result into one `log_batch` call on the
+trial's child run, so workers need no tracking credentials and nothing is logged twice. Child runs are found again
+by their `qlora.trial_id` tag, so a resumed search continues the same runs instead of duplicating them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+log = logging.getLogger(__name__)
+
+TRIAL_TAG = "qlora.trial_id"
+SEARCH_TAG = "qlora.search"
+ADAPTER_ARTIFACT = "adapter"
+# files of a trial checkpoint that make up the adapter as users load it (optimizer state stays out of MLflow)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "special_tokens_map.json", "trial_settings.json", "metrics.json")
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
+def find_or_create_parent(c, exp_id: str, search_name: str, resume: bool) -> str:
+    """The search's parent run; with `resume`, the existing one is reopened rather than duplicated."""
+    if resume:
+        runs = c.search_runs([exp_id], filter_string=f"tags.`{SEARCH_TAG}` = '{search_name}' "
+                             f"and tags.`qlora.role` = 'parent'", max_results=1)
+        if runs:
+            c.update_run(runs[0].info.run_id, status="RUNNING")
+            return runs[0].info.run_id
+    run = c.create_run(exp_id, run_name=search_name, tags={SEARCH_TAG: search_name, "qlora.role": "parent"})
+    return run.info.run_id
+
+
+def log_parent_info(c, run_id: str, params: dict[str, Any], tags: dict[str, str], files: dict[str, str]) -> None:
+    from mlflow.entities import Param, RunTag
+
+    c.log_batch(run_id, params=[Param(k, _param_str(v)) for k, v in params.items()],
+                tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for name, text in files.items():
+        c.log_text(run_id, text, name)
+
+
+def _param_str(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s[:6000]
+
+
+def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+class MlflowTrialCallback(Callback):
+    """Tune callback: child run per trial, a batch of metrics per result, the adapter as an artifact at the end."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, search_name: str):
+        self.uri = tracking_uri
+        self.exp_id = experiment_id
+        self.parent = parent_run_id
+        self.search = search_name
+        self.runs: dict[str, str] = {}
+        self.last_checkpoint: dict[str, str] = {}
+        self.seconds = 0.0  # time spent in MLflow calls, for the overhead report
+        self._c = None
+
+    @property
+    def c(self):
+        if self._c is None:
+            self._c = client(self.uri)
+        return self._c
+
+    def child_run(self, trial) -> str:
+        tid = trial.trial_id
+        if tid in self.runs:
+            return self.runs[tid]
+        t = time.time()
+        from mlflow.entities import Param
+
+        found = self.c.search_runs([self.exp_id], filter_string=f"tags.`{TRIAL_TAG}` = '{tid}' and "
+                                   f"tags.`mlflow.parentRunId` = '{self.parent}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.c.update_run(run_id, status="RUNNING")
+        else:
+            run = self.c.create_run(self.exp_id, run_name=f"trial-{tid}",
+                                    tags={"mlflow.parentRunId": self.parent, TRIAL_TAG: tid, SEARCH_TAG: self.search,
+                                          "qlora.role": "trial"})
+            run_id = run.info.run_id
+            self.c.log_batch(run_id, params=[Param(k, _param_str(v)) for k, v in trial.config.items()])
+        self.runs[tid] = run_id
+        self.seconds += time.time() - t
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.child_run(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        run_id = self.child_run(trial)
+        t = time.time()
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        ts = int(time.time() * 1000)
+        metrics = [Metric(k, v, ts, step) for k, v in numeric_metrics(result).items()]
+        self.c.log_batch(run_id, metrics=metrics)
+        if result.get("checkpoint_path"):
+            self.last_checkpoint[trial.trial_id] = result["checkpoint_path"]
+        self.seconds += time.time() - t
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self.child_run(trial)
+        t = time.time()
+        ckpt = self.last_checkpoint.get(trial.trial_id)
+        if ckpt:
+            log_adapter(self.c, run_id, ckpt)
+        self.c.set_terminated(run_id, "FINISHED")
+        self.seconds += time.time() - t
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.child_run(trial)
+        err = str(getattr(trial, "error_msg", None) or "") or _error_text(trial)
+        self.c.set_tag(run_id, "qlora.error", err[:4000])
+        self.c.set_terminated(run_id, "FAILED")
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        return Path(path).read_text()[-4000:] if path else "trial failed"
+    except OSError:
+        return "trial failed"
+
+
+def log_adapter(c, run_id: str, checkpoint_path: str) -> None:
+    """Copy the adapter files of a checkpoint (local or on a pyarrow filesystem such as S3) into the run."""
+    from ray.train import Checkpoint
+
+    with Checkpoint(checkpoint_path).as_directory() as src, tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / ADAPTER_ARTIFACT
+        dst.mkdir()
+        for name in ADAPTER_FILES:
+            if (Path(src) / name).exists():
+                shutil.copy2(Path(src) / name, dst / name)
+        c.log_artifacts(run_id, str(dst), ADAPTER_ARTIFACT)
+
+
+def register_champion(c, model_name: str, run_id: str) -> str:
+    """Register the run's adapter artifact as a new version of `model_name` and point alias `champion` at it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(model_name)
+    except MlflowException:
+        c.create_registered_model(model_name, description="QLoRA adapters found by qlora-search")
+    source = f"{c.get_run(run_id).info.artifact_uri}/{ADAPTER_ARTIFACT}"
+    version = c.create_model_version(model_name, source=source, run_id=run_id)
+    c.set_registered_model_alias(model_name, "champion", version.version)
+    return version.version

@@ -1,0 +1,97 @@
+"""The Ray-facing adapters: a Ray Train worker loop around `sft.train`, and the Tune function trainable that runs one
+trial as a Train V2 `TorchTrainer` (the supported Tune + Train pattern in Ray >= 2.50).
+
+The Tune config carries only the sampled parameters (dotted setting names such as `lora.r`); the base settings and
+run options are bound once with `tune.with_parameters`, never copied into every trial's config.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from trainables.settings import TrialSettings
+
+# The Tune trial process only waits on its TorchTrainer; its Train workers hold the real resources. It asks for no CPU
+# (a trial holding a CPU next to its worker's CPU starves a 2-CPU machine) but for a little memory, since Tune refuses
+# a request with no resources at all.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2}
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    custom: tuple[tuple[str, float], ...] = ()  # extra resources per worker, e.g. (("A10G", 1),)
+
+    def per_worker(self) -> dict[str, float]:
+        res = {"CPU": self.cpus_per_worker, **dict(self.custom)}
+        if self.gpus_per_worker:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker loop: typed settings in, `ray.train.report` out."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from trainables.sft import train
+
+    settings = TrialSettings.model_validate(config["settings"])
+    ctx = ray.train.get_context()
+    node = {"node_ip": socket.gethostbyname(socket.gethostname()), "node_id": _node_id(), "pid": os.getpid()}
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        metrics = {**metrics, "world_size": ctx.get_world_size(), "node_id": node["node_id"]}
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            train(settings, report, checkpoint_dir=d)
+    else:
+        train(settings, report)
+
+
+def _node_id() -> str:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not in a Ray worker (e.g. a test calling train_worker directly)
+        return ""
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialResources,
+              storage_path: str, max_failures: int = 2) -> None:
+    """Tune function trainable: one trial = one TorchTrainer.fit() with the sampled values applied to `base`."""
+    import ray.tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    settings = TrialSettings.model_validate(base).with_values(config)
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_worker,
+        train_loop_config={"settings": settings.model_dump()},
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker=resources.per_worker(),
+        ),
+        run_config=RunConfig(
+            # A stable name per trial: a restarted trial finds its Train run and resumes from its last checkpoint.
+            name=f"train-{trial_id}",
+            storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()
