@@ -19,7 +19,8 @@ def test_bundled_sms_loads_with_documented_counts():
     raw = read_examples(s)
     assert len(raw) == 5574 and sum(lbl == "spam" for _, lbl in raw) == 747
     unique = dedupe(raw)
-    assert len(unique) == 5171 and sum(lbl == "spam" for _, lbl in unique) == 653
+    # 5,171 distinct raw texts (data README); 11 more differ only in leading/trailing whitespace, which is stripped
+    assert len(unique) == 5160 and sum(lbl == "spam" for _, lbl in unique) == 642
 
 
 def test_split_is_deterministic_disjoint_and_stratified():
@@ -28,7 +29,7 @@ def test_split_is_deterministic_disjoint_and_stratified():
     assert a.train == b.train and a.test == b.test
     texts = [set(t for t, _ in part) for part in (a.train, a.val, a.test)]
     assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
-    assert sum(len(t) for t in texts) == 5171
+    assert sum(len(t) for t in texts) == 5160
     spam_frac = [sum(l == "spam" for _, l in p) / len(p) for p in (a.train, a.val, a.test)]
     assert max(spam_frac) - min(spam_frac) < 0.01
     bal = a.counts["val_balanced"]

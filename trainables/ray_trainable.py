@@ -34,7 +34,7 @@ class TrialResources:
         return res
 
 
-def train_worker(config: dict[str, Any]) -> None:
+def train_worker(config: dict[str, Any], on_end=None) -> None:
     """Ray Train worker loop: typed settings in, `ray.train.report` out."""
     import ray.train
     from ray.train import Checkpoint
@@ -53,9 +53,9 @@ def train_worker(config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
-            train(settings, report, checkpoint_dir=d)
+            train(settings, report, checkpoint_dir=d, on_end=on_end)
     else:
-        train(settings, report)
+        train(settings, report, on_end=on_end)
 
 
 def _node_id() -> str:

@@ -84,11 +84,13 @@ def _flatten(prefix: str, d: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = None) -> dict[str, Any]:
+def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = None,
+          on_end: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Fine-tune LoRA adapters on a (4-bit) base with TRL's SFTTrainer; returns the last metrics and data stats.
 
     `checkpoint_dir`: a checkpoint written by an earlier report of this trial; training resumes from it (adapter,
     optimizer, scheduler and step), so a retried trial continues its curve instead of starting over.
+    `on_end`: called with the trained PEFT model before it is released (to inspect or save it).
     """
     import torch
     from datasets import Dataset
@@ -162,6 +164,8 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
             callbacks=[ReportCallback()],
         )
         trainer.train(resume_from_checkpoint=checkpoint_dir)
+        if on_end is not None:
+            on_end(model)
     result = dict(last)
     result["data"] = data_stats
     result["wall_seconds"] = round(time.time() - t0, 3)

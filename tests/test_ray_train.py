@@ -1,0 +1,51 @@
+"""Two Ray Train workers (gloo DDP on CPU) must end with identical adapters."""
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _dump_adapters(config):
+    """The real worker loop, plus a dump of this rank's trained adapter for the test to compare."""
+    import ray.train
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from trainables.ray_trainable import train_worker
+
+    rank = ray.train.get_context().get_world_rank()
+
+    def dump(model):
+        sd = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(sd, str(Path(config["out"]) / f"rank{rank}.safetensors"))
+
+    train_worker(config, on_end=dump)
+
+
+def test_two_workers_end_with_identical_adapters(fast_settings, tmp_path):
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import load_file
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        s = fast_settings.with_values({"optim.batch_size": 4})
+        trainer = TorchTrainer(
+            train_loop_per_worker=_dump_adapters,
+            train_loop_config={"settings": s.model_dump(), "out": str(tmp_path)},
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "storage")),
+        )
+        result = trainer.fit()
+    finally:
+        ray.shutdown()
+    assert result.error is None
+    assert result.metrics["world_size"] == 2 and result.metrics["step"] == 6
+    assert result.checkpoint is not None
+    sa, sb = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert sa.keys() == sb.keys() and all((sa[k] == sb[k]).all() for k in sa)
+    # lora_B starts at zero: nonzero B on both ranks means they trained, and stayed identical
+    assert any(k.endswith("lora_B.weight") and sa[k].abs().sum() > 0 for k in sa)

@@ -1,0 +1,86 @@
+"""A real 2-trial search: local Ray, tiny 4-bit model, SMS data, a real sqlite MLflow store; then export."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_search(tiny_model, sms_subset, tmp_path_factory):
+    work = tmp_path_factory.mktemp("search")
+    argv = [sys.executable, "-m", "search.run", "--name", "e2e",
+            "--set", f"output_dir={work / 'runs'}",
+            "--set", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+            "--set", f"space={ROOT / 'spaces' / 'classification.yaml'}",
+            "--set", f"trial.model.name_or_path={tiny_model}",
+            "--set", f"trial.data.path={sms_subset}",
+            "--set", "num_trials=2", "--set", "max_concurrent_trials=2",
+            "--set", "trial.optim.max_steps=6", "--set", "trial.optim.batch_size=8",
+            "--set", "trial.eval.every_steps=3", "--set", "trial.eval.max_examples=24",
+            "--set", "trial.data.max_length=96", "--set", "scheduler.grace_period=2"]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, proc.stdout
+
+
+def test_summary_lists_every_trial_and_the_best(finished_search):
+    work, stdout = finished_search
+    summary = json.loads((work / "runs" / "e2e" / "summary.json").read_text())
+    assert summary["name"] == "e2e" and summary["objective"] == {"metric": "val_f1", "mode": "max"}
+    assert len(summary["trials"]) == 2 and all(t["status"] == "TERMINATED" for t in summary["trials"])
+    assert all(t["steps"] == 6 and t["value"] is not None for t in summary["trials"])
+    best = summary["best"]
+    assert best["value"] == max(t["value"] for t in summary["trials"])
+    assert (Path(best["adapter_dir"]) / "adapter_model.safetensors").exists()
+    # the first trial is the space's known-good start point
+    assert {"lora.r": 16, "optim.learning_rate": 5e-3}.items() <= summary["trials"][0]["params"].items() or \
+        any(t["params"].get("lora.r") == 16 and t["params"].get("optim.learning_rate") == 5e-3
+            for t in summary["trials"])
+    assert str(work / "runs" / "e2e" / "summary.json") in stdout and "mlflow ui" in stdout
+
+
+def test_mlflow_holds_one_parent_and_a_child_per_trial(finished_search):
+    from mlflow.tracking import MlflowClient
+
+    work, _ = finished_search
+    summary = json.loads((work / "runs" / "e2e" / "summary.json").read_text())
+    c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = c.search_runs([summary["mlflow"]["experiment_id"]])
+    parents = [r for r in runs if r.data.tags.get("qlora.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow"]["parent_run_id"]]
+    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
+    assert parents[0].data.tags["git_commit"] and "version.ray" in parents[0].data.tags
+    for child in children:
+        assert {"lora.r", "optim.learning_rate", "data.oversample_minority"} <= child.data.params.keys()
+        history = c.get_metric_history(child.info.run_id, "val_f1")
+        assert [m.step for m in history] == [3, 6]
+        files = {a.path for a in c.list_artifacts(child.info.run_id, "adapter")}
+        assert "adapter/adapter_model.safetensors" in files and "adapter/tokenizer.json" in files
+        assert child.info.status == "FINISHED"
+    champion = c.get_model_version_by_alias("qlora-search-e2e", "champion")
+    assert champion.run_id == summary["best"]["mlflow_run_id"]
+
+
+def test_export_reloads_with_the_reported_test_f1(finished_search, tmp_path):
+    work, _ = finished_search
+    summary_path = work / "runs" / "e2e" / "summary.json"
+    proc = subprocess.run([sys.executable, "-m", "search.export", "--summary", str(summary_path),
+                           "--out", str(tmp_path / "export"), "--merge"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "export"
+    assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert (out / "merged" / "model.safetensors").exists()
+
+    from search.driver import test_metrics
+
+    reported = json.loads(summary_path.read_text())["best"]["test_f1"]
+    assert abs(test_metrics(str(out))["test_f1"] - reported) <= 0.005
+    assert "gold" in proc.stdout and "test F1 of the exported adapter" in proc.stdout

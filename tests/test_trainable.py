@@ -1,0 +1,112 @@
+"""The QLoRA SFT loop on the tiny model with real bitsandbytes 4-bit, PEFT and TRL, no Ray."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from trainables import metrics as M
+from trainables.data import ChatFormatter, load_splits
+from trainables.model import load_peft_model, load_tokenizer
+from trainables.predict import load_classifier
+from trainables.sft import prepare_data, sft_config, train
+
+pytestmark = pytest.mark.slow
+
+
+def test_only_completion_tokens_count_in_the_loss(fast_settings, tmp_path):
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    s = fast_settings
+    tok = load_tokenizer(s.model)
+    splits, fmt, train_cols, _, stats = prepare_data(s, tok)
+    trainer = SFTTrainer(model=load_peft_model(s.model, s.lora), args=sft_config(s, str(tmp_path)),
+                         train_dataset=Dataset.from_dict(train_cols), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    for row, (text, label) in enumerate(splits.train[:8]):
+        unmasked = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert unmasked == fmt.completion_ids[label]  # exactly the answer + <|im_end|>\n, nothing of the prompt
+        answer = tok.decode(unmasked)
+        assert answer.startswith(s.data.label_map[label]) and text not in answer
+    assert stats["lengths"]["train"]["n"] == len(splits.train)
+    assert stats["lengths"]["train"]["max"] <= s.data.max_length
+
+
+def test_truncation_keeps_the_completion(fast_settings):
+    s = fast_settings
+    fmt = ChatFormatter(load_tokenizer(s.model), s.data)
+    cols, stats = fmt.encode([("free prize " * 200, "spam"), ("short", "ham")])
+    assert stats["truncated"] == 1 and len(cols["input_ids"][0]) <= s.data.max_length
+    assert cols["input_ids"][0][-len(fmt.completion_ids["spam"]):] == fmt.completion_ids["spam"]
+
+
+def test_4bit_base_frozen_adapters_change_and_f1_matches_predict(fast_settings, tmp_path):
+    s = fast_settings
+    model = load_peft_model(s.model, s.lora)
+    assert model.base_model.model.is_loaded_in_4bit
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+    reports, ckpts = [], []
+
+    def report(metrics, checkpoint_dir):
+        reports.append(metrics)
+        if checkpoint_dir:
+            dst = tmp_path / f"ckpt{len(ckpts)}"
+            shutil.copytree(checkpoint_dir, dst)
+            ckpts.append(dst)
+
+    base_before = {k: v.clone() for k, v in _base_state(s).items()}
+    result = train(s, report)
+    assert [r[M.STEP] for r in reports] == [3, 6] and len(ckpts) == 2
+    for key in (M.F1, M.F1_BALANCED, M.PRECISION, M.RECALL, M.EVAL_LOSS):
+        assert key in reports[-1]
+    assert result["data"]["counts"]["oversampling"]["after"]["fraction"] == pytest.approx(0.3, abs=0.002)
+
+    # the saved adapter differs from a fresh LoRA init; the base weights on disk are untouched
+    from safetensors.torch import load_file
+
+    trained = load_file(ckpts[-1] / "adapter_model.safetensors")
+    fresh = load_peft_model(s.model, s.lora)
+    fresh_sd = {k: v for k, v in fresh.state_dict().items() if "lora_" in k}
+    changed = [k for k in trained if not torch.equal(trained[k], fresh_sd[_peft_key(k, fresh_sd)])]
+    assert any("lora_B" in k for k in changed) and any("lora_A" in k for k in changed)
+    assert all(torch.equal(v, _base_state(s)[k]) for k, v in base_before.items())
+
+    # inference path: same adapter, same split, same function -> exactly the reported F1
+    clf = load_classifier(ckpts[-1])
+    splits = load_splits(s.data, seed=s.seed)
+    val = splits.val[: s.eval.max_examples]
+    preds = clf.predict([t for t, _ in val])
+    assert M.binary_prf([y for _, y in val], preds, "spam")["f1"] == reports[-1][M.F1]
+    assert json.loads((ckpts[-1] / "metrics.json").read_text())[M.F1] == reports[-1][M.F1]
+
+
+def _base_state(s):
+    from safetensors.torch import load_file
+
+    return load_file(f"{s.model.name_or_path}/model.safetensors")
+
+
+def _peft_key(saved_key, state):
+    # saved keys drop the adapter name ("...lora_A.weight"); in-memory ones carry it ("...lora_A.default.weight")
+    want = saved_key.replace(".weight", ".default.weight")
+    return next(k for k in state if k.endswith(want.split("base_model.model.", 1)[-1]))
+
+
+def test_resume_from_checkpoint_continues_the_step_count(fast_settings, tmp_path):
+    s = fast_settings
+    saved = []
+
+    def keep(metrics, d):
+        if d and metrics[M.STEP] == 3:
+            shutil.copytree(d, tmp_path / "c3")
+        saved.append(metrics[M.STEP])
+
+    train(s, keep)
+    resumed = []
+    train(s, lambda m, d: resumed.append(m[M.STEP]), checkpoint_dir=str(tmp_path / "c3"))
+    assert saved == [3, 6] and resumed == [6]
