@@ -21,9 +21,10 @@ def test_only_completion_tokens_count_in_the_loss(fast_settings, tmp_path):
 
     s = fast_settings
     tok = load_tokenizer(s.model)
-    splits, fmt, train_cols, _, stats = prepare_data(s, tok)
+    splits, fmt, train_cols, val_cols, stats = prepare_data(s, tok)
     trainer = SFTTrainer(model=load_peft_model(s.model, s.lora), args=sft_config(s, str(tmp_path)),
-                         train_dataset=Dataset.from_dict(train_cols), processing_class=tok)
+                         train_dataset=Dataset.from_dict(train_cols), eval_dataset=Dataset.from_dict(val_cols),
+                         processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     for row, (text, label) in enumerate(splits.train[:8]):
         unmasked = batch["labels"][row][batch["labels"][row] != -100].tolist()
