@@ -30,6 +30,11 @@ def test_two_workers_end_with_identical_adapters(fast_settings, tmp_path):
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the test module
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         s = fast_settings.with_values({"optim.batch_size": 4})
