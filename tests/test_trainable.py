@@ -66,6 +66,9 @@ def test_4bit_base_frozen_adapters_change_and_f1_matches_predict(fast_settings, 
     for key in (M.F1, M.F1_BALANCED, M.PRECISION, M.RECALL, M.EVAL_LOSS):
         assert key in reports[-1]
     assert result["data"]["counts"]["oversampling"]["after"]["fraction"] == pytest.approx(0.3, abs=0.002)
+    # sequence-length statistics and truncation counts are reported with the first and last evaluation
+    assert reports[0]["data/len/train/truncated"] == result["data"]["lengths"]["train"]["truncated"]
+    assert reports[-1]["data/len/train/p95"] <= s.data.max_length
 
     # the saved adapter differs from a fresh LoRA init; the base weights on disk are untouched
     from safetensors.torch import load_file

@@ -142,6 +142,8 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
             }
             if state.global_step == s.eval.every_steps or state.global_step >= state.max_steps:
                 out.update({"data_seconds": round(t_data, 3), "model_load_seconds": round(t_model, 3)})
+                out.update(_flatten("data/", {"len": data_stats["lengths"], "train_minority_fraction":
+                                              data_stats["counts"]["oversampling"]["after"]["fraction"]}))
             last.clear()
             last.update(out)
             if args.process_index == 0:
