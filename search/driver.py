@@ -233,7 +233,7 @@ def finalize(cfg, c, exp_id, parent, trials, best, plan, wall, mlflow_seconds) -
         adapter_dir = out / "best_adapter"
         copy_adapter(best["checkpoint"], adapter_dir)
         test = evaluate_on_test(str(adapter_dir), plan["per_trial"])
-        run_id = cb_run_id(c, exp_id, parent, best["trial_id"])
+        run_id = tracking.find_child_run(c, exp_id, parent, best["trial_id"])
         if run_id:
             c.log_batch(run_id, metrics=[_metric(k, v) for k, v in test.items()])
         version = tracking.register_champion(c, cfg.mlflow.registered_model.format(name=cfg.name), run_id)
@@ -259,12 +259,6 @@ def finalize(cfg, c, exp_id, parent, trials, best, plan, wall, mlflow_seconds) -
     c.log_artifact(parent, str(path))
     print_summary(summary, cfg, path)
     return summary
-
-
-def cb_run_id(c, exp_id: str, parent: str, trial_id: str) -> str | None:
-    runs = c.search_runs([exp_id], filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{trial_id}' and "
-                         f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1)
-    return runs[0].info.run_id if runs else None
 
 
 def _metric(key: str, value: float):

@@ -70,6 +70,12 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
+def find_child_run(c, exp_id: str, parent: str, trial_id: str) -> str | None:
+    runs = c.search_runs([exp_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                         f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 class MlflowTrialCallback(Callback):
     """Tune callback: child run per trial, a batch of metrics per result, the adapter as an artifact at the end."""
 
@@ -96,10 +102,8 @@ class MlflowTrialCallback(Callback):
         t = time.time()
         from mlflow.entities import Param
 
-        found = self.c.search_runs([self.exp_id], filter_string=f"tags.`{TRIAL_TAG}` = '{tid}' and "
-                                   f"tags.`mlflow.parentRunId` = '{self.parent}'", max_results=1)
-        if found:
-            run_id = found[0].info.run_id
+        run_id = find_child_run(self.c, self.exp_id, self.parent, tid)
+        if run_id:
             self.c.update_run(run_id, status="RUNNING")
         else:
             run = self.c.create_run(self.exp_id, run_name=f"trial-{tid}",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainables import metrics as M
-from trainables.data import ChatFormatter, Splits, load_splits
+from trainables.data import ChatFormatter, Splits, load_splits  # noqa: F401
 from trainables.model import load_peft_model, load_tokenizer
 from trainables.predict import Classifier
 from trainables.settings import TrialSettings
