@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -174,18 +173,6 @@ def test_metrics(adapter_dir: str) -> dict[str, float]:
             "test_examples": len(splits.test)}
 
 
-def copy_adapter(checkpoint_path: str, dst: Path) -> None:
-    from ray.train import Checkpoint
-
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    with Checkpoint(checkpoint_path).as_directory() as src:
-        for name in tracking.ADAPTER_FILES:
-            if (Path(src) / name).exists():
-                shutil.copy2(Path(src) / name, dst / name)
-
-
 def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = False,
                verbose: bool = False) -> dict[str, Any]:
     import ray
@@ -231,7 +218,7 @@ def finalize(cfg, c, exp_id, parent, trials, best, plan, wall, mlflow_seconds) -
     best_rec = None
     if best:
         adapter_dir = out / "best_adapter"
-        copy_adapter(best["checkpoint"], adapter_dir)
+        tracking.copy_adapter(best["checkpoint"], adapter_dir)
         test = evaluate_on_test(str(adapter_dir), plan["per_trial"])
         run_id = tracking.find_child_run(c, exp_id, parent, best["trial_id"])
         if run_id:

@@ -157,15 +157,23 @@ def _error_text(trial) -> str:
 
 def log_adapter(c, run_id: str, checkpoint_path: str) -> None:
     """Copy the adapter files of a checkpoint (local or on a pyarrow filesystem such as S3) into the run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / ADAPTER_ARTIFACT
+        copy_adapter(checkpoint_path, dst)
+        c.log_artifacts(run_id, str(dst), ADAPTER_ARTIFACT)
+
+
+def copy_adapter(checkpoint_path: str, dst: Path) -> None:
+    """Copy the adapter files (not the optimizer state) of a checkpoint, local or on S3/NFS, into `dst`."""
     from ray.train import Checkpoint
 
-    with Checkpoint(checkpoint_path).as_directory() as src, tempfile.TemporaryDirectory() as tmp:
-        dst = Path(tmp) / ADAPTER_ARTIFACT
-        dst.mkdir()
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    with Checkpoint(checkpoint_path).as_directory() as src:
         for name in ADAPTER_FILES:
             if (Path(src) / name).exists():
                 shutil.copy2(Path(src) / name, dst / name)
-        c.log_artifacts(run_id, str(dst), ADAPTER_ARTIFACT)
 
 
 def register_champion(c, model_name: str, run_id: str) -> str:

@@ -67,8 +67,7 @@ def prepare_data(s: TrialSettings, tokenizer) -> tuple[Splits, ChatFormatter, di
     splits = load_splits(s.data, seed=s.seed)
     fmt = ChatFormatter(tokenizer, s.data)
     train_cols, train_len = fmt.encode(splits.train)
-    val = splits.val[: s.eval.max_examples] if s.eval.max_examples else splits.val
-    val_cols, val_len = fmt.encode(val)
+    val_cols, val_len = fmt.encode(splits.val[: s.eval.max_examples])
     stats = {"counts": splits.counts, "lengths": {"train": train_len, "val": val_len}}
     return splits, fmt, train_cols, val_cols, stats
 
@@ -107,8 +106,8 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
     model = load_peft_model(s.model, s.lora)
     t_model = time.time() - t0 - t_data
 
-    val_examples = splits.val[: s.eval.max_examples] if s.eval.max_examples else splits.val
-    bal_examples = splits.val_balanced[: s.eval.max_examples] if s.eval.max_examples else splits.val_balanced
+    val_examples = splits.val[: s.eval.max_examples]  # a None cap slices nothing off
+    bal_examples = splits.val_balanced[: s.eval.max_examples]
     positive = s.data.minority_label
     classifier = Classifier(model, fmt, batch_size=s.eval.batch_size)
     last: dict[str, Any] = {}
