@@ -85,6 +85,7 @@ class MlflowTrialCallback(Callback):
         self.parent = parent_run_id
         self.search = search_name
         self.runs: dict[str, str] = {}
+        self.open: set[str] = set()  # child runs this callback set RUNNING and has not ended yet
         self.last_checkpoint: dict[str, str] = {}
         self.seconds = 0.0  # time spent in MLflow calls, for the overhead report
         self._c = None
@@ -112,8 +113,15 @@ class MlflowTrialCallback(Callback):
             run_id = run.info.run_id
             self.c.log_batch(run_id, params=[Param(k, _param_str(v)) for k, v in trial.config.items()])
         self.runs[tid] = run_id
+        self.open.add(run_id)
         self.seconds += time.time() - t
         return run_id
+
+    def end_open_runs(self, status: str) -> None:
+        """End the child runs of trials that were still running when the search stopped (e.g. KILLED on Ctrl-C)."""
+        for run_id in sorted(self.open):
+            self.c.set_terminated(run_id, status)
+        self.open.clear()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.child_run(trial)
@@ -138,6 +146,7 @@ class MlflowTrialCallback(Callback):
         if ckpt:
             log_adapter(self.c, run_id, ckpt)
         self.c.set_terminated(run_id, "FINISHED")
+        self.open.discard(run_id)
         self.seconds += time.time() - t
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -145,6 +154,7 @@ class MlflowTrialCallback(Callback):
         err = str(getattr(trial, "error_msg", None) or "") or _error_text(trial)
         self.c.set_tag(run_id, "qlora.error", err[:4000])
         self.c.set_terminated(run_id, "FAILED")
+        self.open.discard(run_id)
 
 
 def _error_text(trial) -> str:

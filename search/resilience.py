@@ -1,0 +1,226 @@
+"""What keeps a day-long search alive and tidy: resumable state, clean shutdown on signals, no orphaned Ray processes.
+
+- `SearchState` (a Tune callback) snapshots the experiment the moment a trial finishes, so a driver killed right
+  after would not run that trial again on `--resume`, and carries the scheduler's (ASHA's) rungs through a restore:
+  Tune saves and restores the searcher and callbacks, but not the scheduler.
+- `Interrupt` routes the first Ctrl-C / SIGTERM to Tune's graceful stop (the experiment state is saved, running trials
+  stay resumable) and makes a second one exit at once, after killing this driver's Ray processes.
+- `RayProcesses` records the Ray processes this driver started, so the next run of the same search can end the ones
+  that outlived a driver killed with SIGKILL (Ray's agents do), and so nothing is left after a normal exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+_NOT_STATE = ("_controller",)
+
+
+class _ControllerAware:
+    """Scheduler mixin: remembers the Tune controller it is handed, so `SearchState` can snapshot the experiment."""
+
+    _controller = None
+
+    def on_trial_add(self, tune_controller, trial):
+        # Tune hands schedulers a wrapper that warns on every attribute outside a short list; keep the controller
+        self._controller = getattr(tune_controller, "_tune_controller", tune_controller)
+        return super().on_trial_add(tune_controller, trial)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_STATE}
+
+
+class ASHA(_ControllerAware, ASHAScheduler):
+    pass
+
+
+class FIFO(_ControllerAware, FIFOScheduler):
+    pass
+
+
+class SearchState(Callback):
+    """Snapshot the experiment when a trial ends; save and restore the scheduler's state with the experiment."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self._dirty = False
+        self.snapshots = 0
+
+    def get_state(self) -> dict | None:
+        return {"scheduler": {k: v for k, v in self.scheduler.__dict__.items() if k not in _NOT_STATE}}
+
+    def set_state(self, state: dict) -> None:
+        self.scheduler.__dict__.update(state.get("scheduler", {}))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._dirty = True
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._dirty = True
+
+    def on_step_end(self, iteration, trials, **info):
+        controller = getattr(self.scheduler, "_controller", None)
+        if self._dirty and controller is not None:
+            # Tune snapshots at most every 10 s by default; a trial that finished inside that window would be run
+            # again after a crash, and the searcher would never learn its final value.
+            controller.checkpoint(force=True, wait=True)
+            self.snapshots += 1
+        self._dirty = False
+
+
+def restored_callbacks(tuner, make: Callable[[Any], list]) -> list:
+    """Give a `Tuner.restore`d tuner fresh callbacks (live MLflow client, this run's counters).
+
+    `Tuner.restore` brings back the callbacks pickled when the search began; `make(scheduler)` builds new ones around
+    the restored scheduler, in the same order, so Tune hands each its saved state."""
+    internal = tuner._local_tuner  # Ray 2.60: the restored run config and tune config live on the internal tuner
+    callbacks = make(internal._tune_config.scheduler)
+    internal._run_config.callbacks = callbacks
+    return callbacks
+
+
+class Interrupt:
+    """Signal handler for SIGINT and SIGTERM during a search.
+
+    First signal: before Tune runs, abort with KeyboardInterrupt; while Tune runs, trigger its graceful stop (it saves
+    the experiment state and returns what it has); while the summary is written, let it finish. Second signal: kill
+    this driver's Ray processes and exit with status 130 at once."""
+
+    def __init__(self, on_hard_exit: Callable[[], None] | None = None):
+        self.count = 0
+        self.signal_name: str | None = None
+        self.phase = "start"  # start | tune | finish
+        self._prev: dict[int, Any] = {}
+        self._on_hard_exit = on_hard_exit
+
+    def install(self) -> "Interrupt":
+        """Take SIGINT and SIGTERM. Call again after `ray.init`, whose core worker installs its own SIGTERM handler
+        (it prints a stack trace and aborts the driver, leaving everything unsaved)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        # Tune would otherwise take SIGINT for itself (and ignore SIGTERM); this handler drives Tune's stop instead.
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            prev = signal.signal(sig, self)
+            self._prev.setdefault(sig, prev)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._prev.items():
+            signal.signal(sig, handler)
+        self._prev.clear()
+
+    def enter_tune(self) -> None:
+        # tune.run installs its stop handler on SIGUSR1; clear a stale one from an earlier search in this process
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        self.phase = "tune"
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+    def __call__(self, signum, frame):
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.count > 1:
+            print(f"{name} again: exiting now", file=sys.stderr, flush=True)
+            try:
+                if self._on_hard_exit:
+                    self._on_hard_exit()
+            finally:
+                os._exit(130)
+        self.signal_name = name
+        print(f"{name}: stopping the search; unfinished trials can continue with --resume. "
+              f"Send it again to exit at once.", file=sys.stderr, flush=True)
+        if self.phase == "tune":
+            tune_stop = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+            if callable(tune_stop):
+                tune_stop(signum, frame)
+                return
+            raise KeyboardInterrupt  # Tune has not started its loop yet
+        if self.phase == "start":
+            raise KeyboardInterrupt
+
+
+class RayProcesses:
+    """The Ray processes this driver started (its descendants), recorded in `<search dir>/ray-processes.json`."""
+
+    def __init__(self, search_dir: Path):
+        self.path = Path(search_dir) / "ray-processes.json"
+
+    def record(self) -> int:
+        import psutil
+
+        procs = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                procs.append({"pid": p.pid, "create_time": p.create_time(), "name": p.name()})
+            except psutil.Error:
+                continue
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"driver": os.getpid(), "processes": procs}))
+        tmp.replace(self.path)
+        return len(procs)
+
+    def reap_stale(self) -> list[int]:
+        """End the processes recorded by an earlier driver of this search that is gone (e.g. killed with SIGKILL)."""
+        import psutil
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []
+        if data.get("driver") != os.getpid() and psutil.pid_exists(data.get("driver", -1)):
+            try:
+                if psutil.Process(data["driver"]).status() != psutil.STATUS_ZOMBIE:
+                    return []  # that driver still runs; its processes are not orphans
+            except psutil.Error:
+                pass
+        killed = []
+        for rec in data.get("processes", []):
+            try:
+                p = psutil.Process(rec["pid"])
+                if abs(p.create_time() - rec["create_time"]) > 0.01 or p.status() == psutil.STATUS_ZOMBIE:
+                    continue  # the pid was reused by another process, or it is already dead
+                p.kill()
+                killed.append(rec["pid"])
+            except psutil.Error:
+                continue
+        self.path.unlink(missing_ok=True)
+        return killed
+
+    @staticmethod
+    def kill_descendants(timeout: float = 5.0) -> int:
+        """SIGKILL every process below this one (what `ray.shutdown` left, or everything on a hard exit)."""
+        import psutil
+
+        procs = [p for p in psutil.Process().children(recursive=True) if _is_ray(p)]
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=timeout)
+        return len(procs)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _is_ray(p) -> bool:
+    import psutil
+
+    try:
+        return "ray" in " ".join(p.cmdline()[:3]).lower() or p.name().startswith(("ray::", "raylet", "gcs_server"))
+    except psutil.Error:
+        return False
