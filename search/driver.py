@@ -7,13 +7,14 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from search.config import ExperimentConfig, dump_config
 from search.space import Space, to_tune
-from search import tracking
+from search import progress, resilience, tracking
 from trainables.settings import TINY_MODEL, SettingsError
 
 log = logging.getLogger("search")
@@ -30,7 +31,7 @@ def resolve_model(cfg: ExperimentConfig) -> ExperimentConfig:
     from trainables.tiny import ensure_tiny_model
 
     cache = Path(cfg.model_cache).expanduser().resolve()
-    path = ensure_tiny_model(cache, cfg.trial.data, progress=_say)
+    path = ensure_tiny_model(cache, cfg.trial, progress=_say)
     trial = cfg.trial.with_values({"model.name_or_path": str(path)})
     return cfg.model_copy(update={"trial": trial})
 
@@ -42,9 +43,11 @@ def _start_ray(cfg: ExperimentConfig, plan: dict, verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy output is silent at verbose=0; the new
+        # one still prints its experiment boxes. search.progress.ProgressTable prints the trial table instead.
     env = {"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "warning"),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore" if not verbose else "default",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", **({"QLORA_VERBOSE": "1"} if verbose else {})}
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, runtime_env={"env_vars": env}, log_to_driver=verbose)
     else:
@@ -76,37 +79,47 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list, resume: bool):
+def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list, resume: bool,
+                verbose: bool = False):
     from optuna.samplers import RandomSampler, TPESampler
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from trainables.ray_trainable import TRIAL_RESOURCES, TrialResources, run_trial
+    from search.cluster import storage_root
+    from search.resilience import ASHA, FIFO, SearchState, restored_callbacks
+    from trainables.ray_trainable import TRIAL_RESOURCES, TrialResources
 
-    out = cfg.search_dir()
+    root = storage_root(cfg)  # trial results and checkpoints: output_dir, or shared storage on a cluster
     resources = TrialResources(cfg.resources.num_workers, cfg.resources.cpus_per_worker,
                                cfg.resources.gpus_per_worker, tuple(cfg.resources.custom_per_worker.items()))
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg.trial.model_dump(), resources=resources,
-                             storage_path=str(out / "train"), max_failures=cfg.max_failures),
+        tune.with_parameters(load_trainable(cfg.trainable), base=cfg.trial.model_dump(), resources=resources,
+                             storage_path=f"{root}/train", max_failures=cfg.max_failures),
         TRIAL_RESOURCES,
     )
-    run_config = tune.RunConfig(name="tune", storage_path=str(out), callbacks=callbacks, verbose=1,
+    # Ray Tune's own status tables only with --verbose: search.progress.ProgressTable prints the compact one.
+    run_config = tune.RunConfig(name="tune", storage_path=root, callbacks=callbacks, verbose=1 if verbose else 0,
                                 failure_config=tune.FailureConfig(max_failures=0))
     if resume:
-        return tune.Tuner.restore(str(out / "tune"), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True, restart_errored=False)
+        # The searcher (Optuna study) and the callbacks' state come back from the experiment directory; unfinished
+        # trials restart and their trainable continues from its last checkpoint.
+        tuner = tune.Tuner.restore(f"{root}/tune", trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False)
+        restored_callbacks(tuner, lambda sched: [*callbacks, SearchState(sched)])
+        return tuner
     sampler = (TPESampler(seed=cfg.searcher.seed, n_startup_trials=cfg.searcher.n_startup_trials)
                if cfg.searcher.algorithm == "tpe" else RandomSampler(seed=cfg.searcher.seed))
     searcher = OptunaSearch(metric=cfg.objective.metric, mode=cfg.objective.mode, sampler=sampler,
                             points_to_evaluate=space.points_to_evaluate or None)
-    rounds = math.ceil(cfg.trial.optim.max_steps / cfg.trial.eval.every_steps)
-    # max_t one round past the last evaluation: a trial that trains to the end returns from fit() by itself (and
-    # releases its workers cleanly) instead of being stopped by the scheduler at its last report.
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=rounds + 1, grace_period=cfg.scheduler.grace_period,
-                               reduction_factor=cfg.scheduler.reduction_factor)
-                 if cfg.scheduler.type == "asha" else FIFOScheduler())
+    every = cfg.trial.eval.every_steps
+    # ASHA counts optimizer steps (the reported `step`), which stay right when a trial restarts from a checkpoint;
+    # Tune's training_iteration starts again at 1 in a restarted trial. max_t one round past the last evaluation: a
+    # trial that trains to the end returns from fit() by itself (and releases its workers cleanly) instead of being
+    # stopped by the scheduler at its last report.
+    scheduler = (ASHA(time_attr="step", max_t=cfg.trial.optim.max_steps + every,
+                      grace_period=cfg.scheduler.grace_period * every, reduction_factor=cfg.scheduler.reduction_factor)
+                 if cfg.scheduler.type == "asha" else FIFO())
+    run_config.callbacks = [*callbacks, SearchState(scheduler)]
     return tune.Tuner(
         trainable,
         param_space=to_tune(space),
@@ -117,15 +130,33 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
     )
 
 
+def load_trainable(spec: str):
+    """`module:function` -> the function (the Tune trainable each trial runs)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise SettingsError(f"trainable: cannot load {spec!r} ({err}); use module:function, e.g. "
+                            f"trainables.ray_trainable:run_trial") from None
+
+
 def collect_trials(results, cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """One record per trial from Tune's ResultGrid: status, params, last objective value, steps, checkpoint."""
     metric = cfg.objective.metric
     trials = []
-    for r in results:
+    # Tune's own trial objects, in the ResultGrid's order: a trial cut short by Ctrl-C / SIGTERM is still RUNNING or
+    # PENDING there (resumable), not done
+    tune_trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
+    for i, r in enumerate(results):
         m = r.metrics or {}
-        tid = m.get("trial_id") or (r.path and Path(r.path).name)
+        trial = tune_trials[i] if len(tune_trials) == len(results) else None
+        tid = (trial.trial_id if trial else None) or m.get("trial_id") or (r.path and Path(r.path).name)
         value = m.get(metric)
         status = "ERROR" if r.error else "TERMINATED"
+        if status == "TERMINATED" and trial is not None and trial.status != "TERMINATED":
+            status = "INTERRUPTED"
         steps = int(m.get("step", 0) or 0)
         trials.append({
             "trial_id": tid,
@@ -133,7 +164,7 @@ def collect_trials(results, cfg: ExperimentConfig) -> list[dict[str, Any]]:
             "params": dict(r.config or {}),
             "value": float(value) if value is not None and not r.error else None,
             "steps": steps,
-            "stopped_early": bool(not r.error and steps < cfg.trial.optim.max_steps),
+            "stopped_early": bool(status == "TERMINATED" and steps < cfg.trial.optim.max_steps),
             "error": str(r.error).splitlines()[0][:500] if r.error else None,
             "checkpoint": m.get("checkpoint_path"),
         })
@@ -141,21 +172,33 @@ def collect_trials(results, cfg: ExperimentConfig) -> list[dict[str, Any]]:
 
 
 def pick_best(trials: list[dict], mode: str) -> dict | None:
-    scored = [t for t in trials if t["value"] is not None and t["checkpoint"]]
+    scored = [t for t in trials if t["value"] is not None and t["checkpoint"] and t["status"] == "TERMINATED"]
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda t: t["value"])
 
 
-def evaluate_on_test(adapter_dir: str, resources: dict) -> dict[str, float]:
-    """Test-split F1 of an adapter, run as a Ray task with one trial worker's resources (a GPU where trials had one)."""
+def evaluate_on_test(adapter_dir: str, resources: dict, metrics_fn=None) -> dict[str, float]:
+    """Test-split F1 of an adapter, run as a Ray task with one trial worker's resources (a GPU where trials had one).
+
+    `metrics_fn`: the trainable module's own `test_metrics` where it has one (the stand-in does)."""
     import ray
 
-    @ray.remote(num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0))
-    def _eval(path: str) -> dict[str, float]:
-        return test_metrics(path)
+    import tempfile
 
-    return ray.get(_eval.remote(adapter_dir))
+    # The task may run on another node than the driver (on a cluster: a GPU worker), where `adapter_dir` does not
+    # exist: the adapter's files travel with the task (a LoRA adapter is megabytes) and land in a local temp dir.
+    files = {p.name: p.read_bytes() for p in Path(adapter_dir).iterdir() if p.is_file()}
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+
+    @ray.remote(num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0), resources=custom or None)
+    def _eval(files: dict[str, bytes]) -> dict[str, float]:
+        with tempfile.TemporaryDirectory(prefix="qlora-test-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            return (metrics_fn or test_metrics)(tmp)
+
+    return ray.get(_eval.remote(files))
 
 
 def test_metrics(adapter_dir: str) -> dict[str, float]:
@@ -196,30 +239,77 @@ def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = F
         )
     (out / "config.yaml").write_text(dump_config(cfg))
     cb = tracking.MlflowTrialCallback(cfg.mlflow.tracking_uri, exp_id, parent, cfg.name)
+    table = progress.ProgressTable(cfg.objective.metric, cfg.objective.mode, cfg.trial.optim.max_steps,
+                                   cfg.num_trials, param_keys=list(space.params))
     status = "FAILED"
     _say(f"search {cfg.name!r}: {cfg.num_trials} trials, {plan['concurrency']} at a time; results in {out}")
+    procs = resilience.RayProcesses(out)
+    reaped = procs.reap_stale()
+    if reaped:
+        _say(f"ended {len(reaped)} Ray process(es) left running by an earlier, killed driver of this search")
+    stop = resilience.Interrupt(on_hard_exit=lambda: _hard_exit(c, parent)).install()
     try:
         _start_ray(cfg, plan, verbose)
-        tuner = build_tuner(cfg, space, plan, [cb], resume)
+        stop.install()  # again: ray.init replaced the SIGTERM handler
+        procs.record()
+        tuner = build_tuner(cfg, space, plan, [cb, table], resume, verbose=verbose)
+        stop.enter_tune()
         results = tuner.fit()
+        stop.phase = "finish"
         trials = collect_trials(results, cfg)
+        if stop.requested:
+            cb.end_open_runs("KILLED")
         best = pick_best(trials, cfg.objective.mode)
-        summary = finalize(cfg, c, exp_id, parent, trials, best, plan, time.time() - t0, cb.seconds)
-        status = "FINISHED"
+        summary = finalize(cfg, c, exp_id, parent, trials, best, plan, time.time() - t0, cb.seconds,
+                           interrupted=stop.signal_name)
+        if stop.requested:
+            left = sum(t["status"] != "TERMINATED" and t["status"] != "ERROR" for t in trials)
+            _say(f"stopped by {stop.signal_name}: {left} trial(s) unfinished; continue with "
+                 f"python -m search.run --name {cfg.name} --resume (and the same --config/--set)")
+        status = "KILLED" if stop.requested else "FINISHED"
         return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        cb.end_open_runs("KILLED")
+        raise
     finally:
-        c.set_terminated(parent, status if status == "FINISHED" else "KILLED")
+        c.set_terminated(parent, status)
         ray.shutdown()
+        procs.kill_descendants()  # whatever Ray left (its agents outlive the raylet)
+        procs.clear()
+        stop.uninstall()
 
 
-def finalize(cfg, c, exp_id, parent, trials, best, plan, wall, mlflow_seconds) -> dict[str, Any]:
-    """Test-evaluate and register the best adapter, write summary.json and print the summary."""
+def _hard_exit(c, parent: str) -> None:
+    """Second Ctrl-C / SIGTERM: kill this driver's Ray processes now; mark the parent run KILLED if MLflow answers
+    within 2 s."""
+    import threading
+
+    resilience.RayProcesses.kill_descendants(timeout=2.0)
+    t = threading.Thread(target=lambda: c.set_terminated(parent, "KILLED"), daemon=True)
+    t.start()
+    t.join(2.0)
+
+
+def finalize(cfg, c, exp_id, parent, trials, best, plan, wall, mlflow_seconds,
+             interrupted: str | None = None) -> dict[str, Any]:
+    """Test-evaluate and register the best adapter, write summary.json and print the summary.
+
+    `interrupted` (the signal's name): the search was stopped; the summary lists what finished, the best finished
+    trial is named but neither test-evaluated nor registered, and `--resume` continues the rest."""
     out = cfg.search_dir()
     best_rec = None
-    if best:
+    if best and interrupted:
         adapter_dir = out / "best_adapter"
         tracking.copy_adapter(best["checkpoint"], adapter_dir)
-        test = evaluate_on_test(str(adapter_dir), plan["per_trial"])
+        best_rec = {"trial_id": best["trial_id"], "value": best["value"], "params": best["params"],
+                    "adapter_dir": str(adapter_dir), "steps": best["steps"]}
+    elif best:
+        adapter_dir = out / "best_adapter"
+        tracking.copy_adapter(best["checkpoint"], adapter_dir)
+        module = load_trainable(cfg.trainable).__module__
+        test = evaluate_on_test(str(adapter_dir), plan["per_trial"],
+                                getattr(sys.modules[module], "test_metrics", None))
         run_id = tracking.find_child_run(c, exp_id, parent, best["trial_id"])
         if run_id:
             c.log_batch(run_id, metrics=[_metric(k, v) for k, v in test.items()])
@@ -238,12 +328,20 @@ def finalize(cfg, c, exp_id, parent, trials, best, plan, wall, mlflow_seconds) -
         "mlflow": {"tracking_uri": cfg.mlflow.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent},
         "wall_seconds": round(wall, 1),
         "mlflow_seconds": round(mlflow_seconds, 2),
+        "interrupted": interrupted,
     }
     path = out / "summary.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     tmp.replace(path)
     c.log_artifact(parent, str(path))
+    try:  # plots for people; a failure here must not lose the search's result
+        from search.report import write_report
+
+        write_report(out)
+    except Exception as err:
+        _say(f"warning: the search report could not be written ({err.__class__.__name__}: {err}); "
+             f"try: python -m search.report {cfg.name} --output-dir {cfg.output_dir}")
     print_summary(summary, cfg, path)
     return summary
 
@@ -255,32 +353,4 @@ def _metric(key: str, value: float):
 
 
 def print_summary(summary: dict, cfg: ExperimentConfig, path: Path) -> None:
-    metric = summary["objective"]["metric"]
-    lines = ["", f"== search {summary['name']!r} done in {summary['wall_seconds']:.0f} s =="]
-    ranked = sorted(summary["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0)
-                                                       if cfg.objective.mode == "max" else (t["value"] or 0)))
-    keys = sorted({k for t in summary["trials"] for k in t["params"]})
-    header = f"{'trial':>18} {'status':>10} {metric:>8} {'steps':>5} {'early':>5}  " + "  ".join(keys)
-    lines.append(header)
-    for t in ranked[:10]:
-        val = f"{t['value']:.4f}" if t["value"] is not None else "-"
-        params = "  ".join(_fmt(t["params"].get(k)) for k in keys)
-        lines.append(f"{str(t['trial_id']):>18} {t['status']:>10} {val:>8} {t['steps']:>5} "
-                     f"{'yes' if t['stopped_early'] else 'no':>5}  {params}")
-    b = summary["best"]
-    if b:
-        lines += ["", f"best: trial {b['trial_id']}  {metric}={b['value']:.4f}  test_f1={b['test_f1']:.4f}",
-                  f"  params: {json.dumps(b['params'], default=str)}",
-                  f"  adapter: {b['adapter_dir']}",
-                  f"  MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}",
-                  f"  export:    python -m search.export --summary {path} --out exports/{summary['name']}"]
-    else:
-        lines.append("no trial produced a result; see the errors above")
-    lines.append(f"summary: {path}")
-    print("\n".join(lines), flush=True)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
+    print(progress.format_summary(summary, path), flush=True)

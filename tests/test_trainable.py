@@ -10,7 +10,8 @@ from trainables import metrics as M
 from trainables.data import ChatFormatter, load_splits
 from trainables.model import load_peft_model, load_tokenizer
 from trainables.predict import load_classifier
-from trainables.sft import prepare_data, sft_config, train
+from trainables.sft import sft_config, train
+from trainables.tasks import build_task
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +22,11 @@ def test_only_completion_tokens_count_in_the_loss(fast_settings, tmp_path):
 
     s = fast_settings
     tok = load_tokenizer(s.model)
-    splits, fmt, train_cols, val_cols, stats = prepare_data(s, tok)
+    task = build_task(s, tok)
+    splits, fmt, stats = task.splits, task.fmt, task.stats
     trainer = SFTTrainer(model=load_peft_model(s.model, s.lora), args=sft_config(s, str(tmp_path)),
-                         train_dataset=Dataset.from_dict(train_cols), eval_dataset=Dataset.from_dict(val_cols),
+                         train_dataset=Dataset.from_dict(task.train_cols),
+                         eval_dataset=Dataset.from_dict(task.val_cols),
                          processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     for row, (text, label) in enumerate(splits.train[:8]):

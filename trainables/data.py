@@ -221,30 +221,22 @@ def file_fingerprint(path: str) -> str:
 # Formatting through the tokenizer's own chat template, as prompt / completion.
 
 
-class ChatFormatter:
-    """Turns (text, label) into token ids with the tokenizer's chat template; the completion is the label answer.
+class ChatTemplate:
+    """Prompt / completion token ids through the tokenizer's own chat template.
 
     The prompt and the completion are tokenized separately and concatenated, so the boundary is the same at training
-    and at inference, and `completion_mask` marks exactly the completion's tokens.
+    and at inference, and a completion mask marks exactly the completion's tokens.
     """
 
-    def __init__(self, tokenizer, s: DataSettings):
+    def __init__(self, tokenizer, system_prompt: str, max_length: int):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("the tokenizer has no chat template; use a chat model or set one on the tokenizer")
         self.tok = tokenizer
-        self.s = s
-        self.max_length = s.max_length
-        self.completion_ids = {label: self._completion_ids(answer) for label, answer in s.label_map.items()}
-        self.labels = list(s.label_map)
-        self._overhead = len(self._prompt_ids("")) + max(len(v) for v in self.completion_ids.values())
-        if self._overhead + 4 > self.max_length:
-            raise DataError(
-                f"data.max_length={self.max_length} leaves no room for the message: the template and the longest "
-                f"answer take {self._overhead} tokens; raise data.max_length"
-            )
+        self.system_prompt = system_prompt
+        self.max_length = max_length
 
     def messages(self, text: str) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.s.system_prompt}] if self.s.system_prompt else []
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return msgs + [{"role": "user", "content": text}]
 
     def _render(self, msgs, add_generation_prompt: bool) -> str:
@@ -257,12 +249,29 @@ class ChatFormatter:
         return self._ids(self._render(self.messages(text), add_generation_prompt=True))
 
     def _completion_ids(self, answer: str) -> list[int]:
+        """The tokens the template puts after the generation prompt for `answer`, end-of-turn token included."""
         probe = self.messages("x")
         prompt = self._render(probe, add_generation_prompt=True)
         full = self._render(probe + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
         if not full.startswith(prompt):
             raise DataError("the chat template renders the prompt differently with and without the answer")
         return self._ids(full[len(prompt) :])
+
+
+class ChatFormatter(ChatTemplate):
+    """Turns (text, label) into token ids with the tokenizer's chat template; the completion is the label answer."""
+
+    def __init__(self, tokenizer, s: DataSettings):
+        super().__init__(tokenizer, s.system_prompt, s.max_length)
+        self.s = s
+        self.completion_ids = {label: self._completion_ids(answer) for label, answer in s.label_map.items()}
+        self.labels = list(s.label_map)
+        self._overhead = len(self._prompt_ids("")) + max(len(v) for v in self.completion_ids.values())
+        if self._overhead + 4 > self.max_length:
+            raise DataError(
+                f"data.max_length={self.max_length} leaves no room for the message: the template and the longest "
+                f"answer take {self._overhead} tokens; raise data.max_length"
+            )
 
     def prompt_ids(self, text: str) -> tuple[list[int], bool]:
         """Token ids of the prompt for `text`, the message cut so the longest answer still fits. (ids, truncated)."""

@@ -31,10 +31,13 @@ def bnb_config(m: ModelSettings):
     )
 
 
-def lora_config(lo: LoraSettings):
+def lora_config(lo: LoraSettings, trainable_token_ids: list[int] | None = None):
+    """LoRA on the chosen modules; `trainable_token_ids` also trains those rows of the input embedding (and of a tied
+    output head) through PEFT's TrainableTokens, leaving every other row frozen."""
     from peft import LoraConfig
 
     return LoraConfig(
+        trainable_token_indices=list(trainable_token_ids) if trainable_token_ids else None,
         r=lo.r,
         lora_alpha=lo.alpha,
         lora_dropout=lo.dropout,
@@ -77,8 +80,18 @@ def load_tokenizer(m: ModelSettings):
     return tok
 
 
-def load_base_model(m: ModelSettings):
-    """The frozen base: 4-bit nf4 through bitsandbytes, or bf16/fp32."""
+def fit_embeddings(model, tokenizer) -> bool:
+    """Grow the embedding matrix when the tokenizer has more tokens than it has rows (new special tokens).
+
+    Never shrinks: Qwen3 checkpoints carry spare rows beyond their tokenizer, and added tokens land in those."""
+    if tokenizer is None or len(tokenizer) <= model.get_input_embeddings().weight.shape[0]:
+        return False
+    model.resize_token_embeddings(len(tokenizer))
+    return True
+
+
+def load_base_model(m: ModelSettings, tokenizer=None):
+    """The frozen base: 4-bit nf4 through bitsandbytes, or bf16/fp32; embeddings grown to fit `tokenizer`."""
     from transformers import AutoModelForCausalLM
 
     # With 4-bit, the modules left unquantized (embeddings, norms, head) are kept in fp32 as in QLoRA, and the same
@@ -91,26 +104,29 @@ def load_base_model(m: ModelSettings):
         trust_remote_code=m.trust_remote_code,
     )
     model.config.use_cache = False
+    fit_embeddings(model, tokenizer)
     return model
 
 
-def load_peft_model(m: ModelSettings, lo: LoraSettings):
-    """Base + fresh LoRA adapters. Only the adapters are trainable."""
+def load_peft_model(m: ModelSettings, lo: LoraSettings, tokenizer=None, trainable_tokens: list[str] | None = None):
+    """Base + fresh LoRA adapters. Only the adapters (and the rows of `trainable_tokens`, if any) are trainable."""
     from peft import get_peft_model
 
-    model = load_base_model(m)
+    model = load_base_model(m, tokenizer)
     for p in model.parameters():
         p.requires_grad_(False)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(lo))
+    token_ids = tokenizer.convert_tokens_to_ids(trainable_tokens) if trainable_tokens else None
+    return get_peft_model(model, lora_config(lo, token_ids))
 
 
-def load_adapter_model(m: ModelSettings, adapter_dir: str | Path):
-    """Base loaded exactly as for training, plus the saved adapter, in eval mode."""
+def load_adapter_model(m: ModelSettings, adapter_dir: str | Path, tokenizer=None):
+    """Base loaded exactly as for training (embeddings grown to the adapter's tokenizer), plus the adapter, in eval
+    mode."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base_model(m), str(adapter_dir))
+    model = PeftModel.from_pretrained(load_base_model(m, tokenizer), str(adapter_dir))
     model.eval()
     return model

@@ -84,18 +84,11 @@ class Classifier:
         return prf_from_counts(tp, fp, fn)
 
 
-def load_classifier(adapter_dir: str | Path, settings=None) -> Classifier:
+def load_classifier(adapter_dir: str | Path) -> Classifier:
     """A Classifier from a trial checkpoint or export directory (adapter + tokenizer + trial_settings.json)."""
-    import json
+    from trainables.tasks import load_for_inference
 
-    from trainables.model import load_adapter_model, load_tokenizer
-    from trainables.settings import TrialSettings
-
-    adapter_dir = Path(adapter_dir)
-    if settings is None:
-        settings = TrialSettings.model_validate(json.loads((adapter_dir / "trial_settings.json").read_text()))
-    tok = load_tokenizer(settings.model.model_copy(update={"name_or_path": str(adapter_dir)}))
-    model = load_adapter_model(settings.model, adapter_dir)
+    settings, tok, model = load_for_inference(adapter_dir)
     return Classifier(model, ChatFormatter(tok, settings.data), batch_size=settings.eval.batch_size)
 
 

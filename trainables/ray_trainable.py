@@ -67,13 +67,36 @@ def _node_id() -> str:
         return ""
 
 
+def checkpoint_uri(storage_path: str, path: str) -> str:
+    """The checkpoint path Train reports, as a URI a reader on any node can open.
+
+    Train reports pyarrow filesystem paths, which drop the scheme: a checkpoint under s3://bucket/runs is reported
+    as "bucket/runs/...", and the driver would look for that directory on its own disk."""
+    if "://" not in storage_path or storage_path.startswith("file://") or "://" in path:
+        return path
+    return f"{storage_path.split('://', 1)[0]}://{path}"
+
+
+def tune_report_callback(storage_path: str):
+    """Ray's TuneReportCallback (Train results and checkpoint paths to the Tune trial), with checkpoint URIs."""
+    from ray.train import Checkpoint
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is not None:
+                checkpoint = Checkpoint(checkpoint_uri(storage_path, checkpoint.path), checkpoint.filesystem)
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ReportToTune()
+
+
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialResources,
               storage_path: str, max_failures: int = 2) -> None:
     """Tune function trainable: one trial = one TorchTrainer.fit() with the sampled values applied to `base`."""
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     settings = TrialSettings.model_validate(base).with_values(config)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -89,7 +112,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
             # A stable name per trial: a restarted trial finds its Train run and resumes from its last checkpoint.
             name=f"train-{trial_id}",
             storage_path=storage_path,
-            callbacks=[TuneReportCallback()],
+            callbacks=[tune_report_callback(storage_path)],
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

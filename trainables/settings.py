@@ -95,13 +95,42 @@ class DataSettings(_Strict):
         return self
 
 
+class StyleSettings(_Strict):
+    """The style-control task: TERSE/VERBOSE answers selected by a style token in the prompt (task: style)."""
+
+    path: str = Field("data/squad-v1.1-dev/dev-v1.1.json.gz",
+                      description="SQuAD v1.1-format JSON (.json or .json.gz), or a JSONL of pairs with fields "
+                      "question, terse, verbose and optional context, group, answers.")
+    format: Literal["auto", "squad", "jsonl"] = "auto"
+    context: Literal["sentence", "paragraph", "none"] = Field(
+        "sentence", description="What the prompt shows before the question: the answer's sentence, the whole "
+        "paragraph, or nothing.")
+    system_prompt: str = "Answer the question from the context."
+    max_verbose_words: int = Field(32, ge=4, le=512, description="The VERBOSE target (and a sentence context) is cut "
+                                   "to this many words around the answer.")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of questions in validation, split by group "
+                                "(SQuAD article) so no paragraph is in two splits.")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    split_seed: int = 0
+    max_train_questions: int | None = Field(3000, gt=0, description="Cap on training questions (each gives a TERSE "
+                                            "and a VERBOSE example); None = all.")
+    eval_questions: int = Field(96, gt=0, description="Held-out questions generated for each evaluation (both styles).")
+    test_questions: int = Field(256, gt=0, description="Test questions for the final evaluation of the best adapter.")
+    max_new_tokens: int = Field(64, gt=0, le=4096, description="Generation budget, the same for both styles.")
+    max_length: int = Field(192, ge=32, le=32768, description="Max tokens per training example; the context is cut "
+                            "first, the answer last.")
+    terse_f1_floor: float | None = Field(None, ge=0, le=1, description="Minimum TERSE answer F1 for the objective "
+                                         "val_separation_at_floor; trials below it score < 0 and are never best.")
+
+
 class TrialSettings(_Strict):
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "style"] = "classification"
     model: ModelSettings = ModelSettings()
     lora: LoraSettings = LoraSettings()
     optim: OptimSettings = OptimSettings()
     eval: EvalSettings = EvalSettings()
     data: DataSettings = DataSettings()
+    style: StyleSettings = StyleSettings()
     seed: int = 0
     output_dir: str | None = Field(None, description="Where the trainer writes scratch files (None: a temp dir).")
 

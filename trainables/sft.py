@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from trainables import metrics as M
-from trainables.data import ChatFormatter, Splits, load_splits  # noqa: F401
 from trainables.model import load_peft_model, load_tokenizer
-from trainables.predict import Classifier
 from trainables.settings import TrialSettings
+from trainables.tasks import build_task
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def sft_config(s: TrialSettings, output_dir: str):
         save_strategy="no",
         logging_steps=max(1, min(10, s.eval.every_steps)),
         report_to="none",
-        disable_tqdm=True,
+        disable_tqdm=os.environ.get("QLORA_VERBOSE") != "1",  # per-step bars only with search.run --verbose
         seed=s.seed,
         data_seed=s.seed,
         bf16=on_gpu and s.model.dtype == "bfloat16",
@@ -62,25 +62,26 @@ def sft_config(s: TrialSettings, output_dir: str):
     )
 
 
-def prepare_data(s: TrialSettings, tokenizer) -> tuple[Splits, ChatFormatter, dict, dict, dict[str, Any]]:
-    """Splits, formatter, tokenized train/val columns and the data statistics (counts, lengths, truncations)."""
-    splits = load_splits(s.data, seed=s.seed)
-    fmt = ChatFormatter(tokenizer, s.data)
-    train_cols, train_len = fmt.encode(splits.train)
-    val_cols, val_len = fmt.encode(splits.val[: s.eval.max_examples])
-    stats = {"counts": splits.counts, "lengths": {"train": train_len, "val": val_len}}
-    return splits, fmt, train_cols, val_cols, stats
+def sft_trainer_class(trainable_tokens: bool):
+    """TRL's SFTTrainer, or for models with trainable token rows a subclass whose loss comes from the model's own
+    forward (full logits).
 
+    TRL computes the loss through a fused LM head that multiplies by `lm_head.weight` directly. With tied embeddings,
+    PEFT's TrainableTokens wraps the head too, and the fused path would bypass the new tokens' trained rows (and
+    fails on the wrapper); the model's own forward applies them, at training exactly as at generation."""
+    from transformers import Trainer
+    from trl import SFTTrainer
 
-def _flatten(prefix: str, d: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(key + "/", v))
-        elif isinstance(v, (int, float)):
-            out[key] = v
-    return out
+    if not trainable_tokens:
+        return SFTTrainer
+
+    class TrainableTokensSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return TrainableTokensSFTTrainer
 
 
 def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = None,
@@ -94,22 +95,17 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback, set_seed
-    from trl import SFTTrainer
 
     s = settings
     set_seed(s.seed)
     t0 = time.time()
     tokenizer = load_tokenizer(s.model)
-    splits, fmt, train_cols, val_cols, data_stats = prepare_data(s, tokenizer)
+    task = build_task(s, tokenizer)  # adds the task's new tokens (style tokens) to the tokenizer
     t_data = time.time() - t0
-    log.info("data: %s", json.dumps(data_stats))
-    model = load_peft_model(s.model, s.lora)
+    log.info("data: %s", json.dumps(task.stats))
+    model = load_peft_model(s.model, s.lora, tokenizer, trainable_tokens=task.new_tokens)
     t_model = time.time() - t0 - t_data
-
-    val_examples = splits.val[: s.eval.max_examples]  # a None cap slices nothing off
-    bal_examples = splits.val_balanced[: s.eval.max_examples]
-    positive = s.data.minority_label
-    classifier = Classifier(model, fmt, batch_size=s.eval.batch_size)
+    evaluate = task.evaluator(model)
     last: dict[str, Any] = {}
 
     class ReportCallback(TrainerCallback):
@@ -119,18 +115,11 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             t_eval = time.time()
-            nat = classifier.evaluate(val_examples, positive)
-            bal = classifier.evaluate(bal_examples, positive)
             losses = [h["loss"] for h in state.log_history if "loss" in h]
             out = {
                 M.STEP: state.global_step,
                 "epoch": round(state.epoch or 0.0, 4),
-                M.F1: nat["f1"],
-                M.PRECISION: nat["precision"],
-                M.RECALL: nat["recall"],
-                M.F1_BALANCED: bal["f1"],
-                "val_bal_precision": bal["precision"],
-                "val_bal_recall": bal["recall"],
+                **evaluate(),
                 M.EVAL_LOSS: (metrics or {}).get("eval_loss", float("nan")),
                 "train_loss": losses[-1] if losses else float("nan"),
                 "learning_rate": next((h["learning_rate"] for h in reversed(state.log_history)
@@ -141,8 +130,7 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
             }
             if state.global_step == s.eval.every_steps or state.global_step >= state.max_steps:
                 out.update({"data_seconds": round(t_data, 3), "model_load_seconds": round(t_model, 3)})
-                out.update(_flatten("data/", {"len": data_stats["lengths"], "train_minority_fraction":
-                                              data_stats["counts"]["oversampling"]["after"]["fraction"]}))
+                out.update(task.report_stats())
             last.clear()
             last.update(out)
             if args.process_index == 0:
@@ -153,10 +141,11 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
             else:
                 report(out, None)
 
-    train_ds = Dataset.from_dict(train_cols)
-    val_ds = Dataset.from_dict(val_cols)
+    train_ds = Dataset.from_dict(task.train_cols)
+    val_ds = Dataset.from_dict(task.val_cols)
+    trainer_cls = sft_trainer_class(bool(task.new_tokens))
     with tempfile.TemporaryDirectory(prefix="qlora-sft-") as scratch:
-        trainer = SFTTrainer(
+        trainer = trainer_cls(
             model=model,
             args=sft_config(s, s.output_dir or scratch),
             train_dataset=train_ds,
@@ -168,7 +157,7 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
         if on_end is not None:
             on_end(model)
     result = dict(last)
-    result["data"] = data_stats
+    result["data"] = task.stats
     result["wall_seconds"] = round(time.time() - t0, 3)
     del trainer
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -178,7 +167,8 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
 def save_adapter(model, tokenizer, settings: TrialSettings, out_dir: str | Path, metrics: dict | None = None) -> None:
     """Adapter weights (safetensors) + config, tokenizer, and the trial settings needed to reload it."""
     out = Path(out_dir)
-    model.save_pretrained(out, safe_serialization=True)
+    # Added tokens' rows travel in the TrainableTokens weights; the full embedding matrix is never copied.
+    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
     (out / "trial_settings.json").write_text(settings.model_dump_json(indent=2))
     if metrics is not None:

@@ -84,6 +84,7 @@ def _pretrain(model, tok, texts: list[str], spec: TinySpec, progress) -> list[fl
     """Causal-LM pre-training on packed raw texts. Returns the loss curve (every 50 steps)."""
     import torch
 
+    progress(f"tokenizing the pre-training corpus ({len(texts)} texts)")
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     stream: list[int] = []
     for ids in tok(texts, add_special_tokens=False)["input_ids"]:
@@ -100,6 +101,7 @@ def _pretrain(model, tok, texts: list[str], spec: TinySpec, progress) -> list[fl
     )
     model.train()
     curve = []
+    t_start = time.time()
     for step in range(spec.pretrain_steps):
         idx = torch.randint(0, n_chunks, (spec.pretrain_batch,), generator=gen)
         batch = data[idx]
@@ -111,7 +113,10 @@ def _pretrain(model, tok, texts: list[str], spec: TinySpec, progress) -> list[fl
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == spec.pretrain_steps - 1:
             curve.append(round(out.loss.item(), 4))
-            progress(f"pre-training tiny base: step {step + 1}/{spec.pretrain_steps}, loss {out.loss.item():.3f}")
+            done = time.time() - t_start
+            eta = done / (step + 1) * (spec.pretrain_steps - step - 1)
+            progress(f"pre-training tiny base: step {step + 1}/{spec.pretrain_steps}, loss {out.loss.item():.3f}, "
+                     f"{done:.0f} s so far, ~{eta:.0f} s left")
     model.eval()
     return curve
 
@@ -178,9 +183,29 @@ def default_corpus(data_settings=None) -> tuple[list[str], str]:
     return texts, corpus_id
 
 
-def ensure_tiny_model(cache_dir: str | Path, data_settings=None, spec: TinySpec = TinySpec(), progress=None) -> Path:
-    """Return the cached tiny model for this corpus and spec, building it on first use."""
-    texts, corpus_id = default_corpus(data_settings)
+# The style task's examples (context sentence + question + answer) run to ~100 tokens: pre-train on longer windows.
+STYLE_SPEC = TinySpec(pretrain_seq_len=128, pretrain_batch=16)
+
+
+def corpus_for(settings=None) -> tuple[list[str], str, TinySpec]:
+    """The pre-training corpus and tiny spec for trial settings (or classification data settings)."""
+    from trainables.settings import TrialSettings
+
+    if isinstance(settings, TrialSettings):
+        if settings.task == "style":
+            from trainables.style import style_corpus
+
+            return (*style_corpus(settings.style), STYLE_SPEC)
+        settings = settings.data
+    return (*default_corpus(settings), TinySpec())
+
+
+def ensure_tiny_model(cache_dir: str | Path, settings=None, spec: TinySpec | None = None, progress=None) -> Path:
+    """Return the cached tiny model for this corpus and spec, building it on first use.
+
+    `settings`: TrialSettings (the task picks the corpus) or DataSettings of a classification file."""
+    texts, corpus_id, task_spec = corpus_for(settings)
+    spec = spec or task_spec
     path = Path(cache_dir) / f"tiny-qwen3-{spec.key(corpus_id)}"
     if (path / "build_info.json").exists():
         return path
@@ -195,22 +220,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="Directory to write (replaced if it exists).")
     p.add_argument("--data", default=None, help="Data file whose training-split texts form the corpus "
                    "(default: the bundled SMS Spam Collection).")
+    p.add_argument("--task", choices=["classification", "style"], default="classification",
+                   help="style: pre-train on the SQuAD contexts and questions of the style task's training split.")
     p.add_argument("--seed", type=int, default=TinySpec.seed, help="Seed for tokenizer, init and pre-training.")
     p.add_argument("--pretrain-steps", type=int, default=TinySpec.pretrain_steps,
                    help="Causal-LM pre-training steps (0: random init only).")
     p.add_argument("--hidden-size", type=int, default=TinySpec.hidden_size)
     p.add_argument("--layers", type=int, default=TinySpec.num_layers)
     args = p.parse_args(argv)
-    from trainables.settings import DataSettings, SettingsError
+    from trainables.settings import DataSettings, SettingsError, load_trial_settings
 
     try:
-        ds = DataSettings(path=args.data) if args.data else DataSettings()
-        texts, _ = default_corpus(ds)
+        if args.task == "style":
+            values = {"task": "style", **({"style.path": args.data} if args.data else {})}
+            texts, _, base_spec = corpus_for(load_trial_settings(values))
+        else:
+            texts, _, base_spec = corpus_for(DataSettings(path=args.data) if args.data else DataSettings())
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    spec = TinySpec(seed=args.seed, pretrain_steps=args.pretrain_steps, hidden_size=args.hidden_size,
-                    num_layers=args.layers)
+    from dataclasses import replace
+
+    spec = replace(base_spec, seed=args.seed, pretrain_steps=args.pretrain_steps, hidden_size=args.hidden_size,
+                   num_layers=args.layers)
     build_tiny_model(args.out, texts, spec, progress=lambda m: print(m, flush=True))
     return 0
 

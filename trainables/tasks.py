@@ -1,0 +1,138 @@
+"""The task types behind one interface, so the SFT loop, the search, MLflow and export treat them alike.
+
+    task = build_task(settings, tokenizer)     # may add tokens to the tokenizer (style tokens)
+    task.train_cols, task.val_cols, task.stats # SFT columns (input_ids, completion_mask) and data statistics
+    model = load_peft_model(..., tokenizer, trainable_tokens=task.new_tokens)
+    evaluate = task.evaluator(model)           # -> the metrics reported at each evaluation
+    test_metrics(adapter_dir)                  # the held-out test metrics of a saved adapter
+
+- classification: rank classification of label answers; objective F1 of the minority label.
+- style: `<STYLE_TERSE>` / `<STYLE_VERBOSE>` prompts; objective token separation (optionally at a TERSE F1 floor).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from trainables import metrics as M
+from trainables.settings import TrialSettings
+
+Evaluator = Callable[[], dict[str, float]]
+
+
+def _flatten(prefix: str, d: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(key + "/", v))
+        elif isinstance(v, (int, float)):
+            out[key] = v
+    return out
+
+
+class ClassificationTask:
+    new_tokens: list[str] = []
+
+    def __init__(self, s: TrialSettings, tokenizer):
+        from trainables.data import ChatFormatter, load_splits
+
+        self.s = s
+        self.splits = load_splits(s.data, seed=s.seed)
+        self.fmt = ChatFormatter(tokenizer, s.data)
+        self.train_cols, train_len = self.fmt.encode(self.splits.train)
+        self.val_cols, val_len = self.fmt.encode(self.splits.val[: s.eval.max_examples])
+        self.stats = {"counts": self.splits.counts, "lengths": {"train": train_len, "val": val_len}}
+
+    def report_stats(self) -> dict[str, float]:
+        """Data statistics sent with the first and the last report."""
+        return _flatten("data/", {"len": self.stats["lengths"], "train_minority_fraction":
+                                  self.stats["counts"]["oversampling"]["after"]["fraction"]})
+
+    def evaluator(self, model) -> Evaluator:
+        from trainables.predict import Classifier
+
+        classifier = Classifier(model, self.fmt, batch_size=self.s.eval.batch_size)
+        val = self.splits.val[: self.s.eval.max_examples]  # a None cap slices nothing off
+        bal = self.splits.val_balanced[: self.s.eval.max_examples]
+        positive = self.s.data.minority_label
+
+        def evaluate() -> dict[str, float]:
+            nat = classifier.evaluate(val, positive)
+            b = classifier.evaluate(bal, positive)
+            return {M.F1: nat["f1"], M.PRECISION: nat["precision"], M.RECALL: nat["recall"],
+                    M.F1_BALANCED: b["f1"], "val_bal_precision": b["precision"], "val_bal_recall": b["recall"]}
+
+        return evaluate
+
+
+class StyleTask:
+    def __init__(self, s: TrialSettings, tokenizer):
+        from trainables.style import STYLE_TOKENS, StyleFormatter, add_style_tokens, load_style_splits
+
+        self.s = s
+        self.new_tokens = list(STYLE_TOKENS.values())
+        add_style_tokens(tokenizer)
+        self.splits = load_style_splits(s.style)
+        self.fmt = StyleFormatter(tokenizer, s.style)
+        self.train_cols, train_len = self.fmt.encode(self.splits.train)
+        self.val_items = self.splits.val[: s.style.eval_questions]
+        self.val_cols, val_len = self.fmt.encode(self.val_items)
+        self.stats = {"counts": self.splits.counts, "lengths": {"train": train_len, "val": val_len}}
+
+    def report_stats(self) -> dict[str, float]:
+        return _flatten("data/", {"len": self.stats["lengths"], "train_questions": self.splits.counts["train"]})
+
+    def evaluator(self, model) -> Evaluator:
+        from trainables.style import Decoding, StyleEvaluator
+
+        ev = StyleEvaluator(model, self.fmt, Decoding(max_new_tokens=self.s.style.max_new_tokens),
+                            batch_size=self.s.eval.batch_size, floor=self.s.style.terse_f1_floor)
+        return lambda: ev.evaluate(self.val_items, prefix="val")
+
+
+TASKS = {"classification": ClassificationTask, "style": StyleTask}
+
+
+def build_task(s: TrialSettings, tokenizer):
+    return TASKS[s.task](s, tokenizer)
+
+
+def objective_metrics(task: str) -> tuple[str, ...]:
+    """The metric names a task reports that a search may optimize."""
+    return M.STYLE_METRICS if task == "style" else M.CLASSIFICATION_METRICS
+
+
+def load_for_inference(adapter_dir: str | Path) -> tuple[TrialSettings, Any, Any]:
+    """Settings, tokenizer (with any added tokens) and base + adapter, all from a checkpoint or export directory."""
+    from trainables.model import load_adapter_model, load_tokenizer
+
+    adapter_dir = Path(adapter_dir)
+    settings = TrialSettings.model_validate(json.loads((adapter_dir / "trial_settings.json").read_text()))
+    tok = load_tokenizer(settings.model.model_copy(update={"name_or_path": str(adapter_dir)}))
+    model = load_adapter_model(settings.model, adapter_dir, tok)
+    return settings, tok, model
+
+
+def test_metrics(adapter_dir: str | Path) -> dict[str, float]:
+    """Held-out test metrics of the adapter in `adapter_dir` (reloaded from disk, never from memory)."""
+    settings, tok, model = load_for_inference(adapter_dir)
+    if settings.task == "style":
+        from trainables.style import Decoding, StyleEvaluator, StyleFormatter, load_style_splits
+
+        st = settings.style
+        items = load_style_splits(st).test[: st.test_questions]
+        ev = StyleEvaluator(model, StyleFormatter(tok, st), Decoding(max_new_tokens=st.max_new_tokens),
+                            batch_size=settings.eval.batch_size, floor=st.terse_f1_floor)
+        m = ev.evaluate(items, prefix="test")
+        return {k: v for k, v in m.items() if k != "test_questions"} | {"test_examples": len(items)}
+    from trainables.data import ChatFormatter, load_splits
+    from trainables.predict import Classifier
+
+    clf = Classifier(model, ChatFormatter(tok, settings.data), batch_size=settings.eval.batch_size)
+    test = load_splits(settings.data, seed=settings.seed).test
+    r = clf.evaluate(test, settings.data.minority_label)
+    return {M.TEST_F1: r["f1"], "test_precision": r["precision"], "test_recall": r["recall"],
+            "test_examples": len(test)}
