@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +46,9 @@ class ResourceSettings(_Strict):
 
 
 class MlflowSettings(_Strict):
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="sqlite/file for one machine; http(s) for clusters.")
+    tracking_uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db",
+                              description="sqlite/file for one machine; http(s) (an `mlflow server`) for clusters. "
+                              "Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
     experiment: str = "qlora-search"
     registered_model: str = Field("qlora-search-{name}", description="Registry name; {name} is the search name.")
 
@@ -61,22 +64,37 @@ class ExperimentConfig(_Strict):
     max_concurrent_trials: int = Field(2, gt=0)
     resources: ResourceSettings = ResourceSettings()
     max_failures: int = Field(2, ge=0, description="Retries of a trial's Train workers from their last checkpoint.")
+    trainable: str = Field("trainables.ray_trainable:run_trial", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+                           description="module:function of the Tune trainable each trial runs; "
+                           "trainables.standin:run_trial is a fast stand-in for rehearsing the machinery.")
     output_dir: str = Field("runs", description="Search results go to <output_dir>/<name>/.")
     model_cache: str = Field(".cache", description="Where the built-in tiny model is built and kept.")
     ray_address: str | None = Field(None, description="None: start a local Ray; 'auto' or host:port to join one.")
-    mlflow: MlflowSettings = MlflowSettings()
+    storage_path: str | None = Field(
+        default_factory=lambda: os.environ.get("QLORA_STORAGE_PATH") or None,
+        description="Where Ray Tune/Train write trial results and checkpoints: <storage_path>/<name>/. None: "
+        "output_dir. On a multi-node cluster it must be shared: s3://BUCKET/PREFIX, gs://..., or a directory mounted "
+        "on every node (NFS) with storage_shared: true. Default: $QLORA_STORAGE_PATH, else None.")
+    storage_shared: bool = Field(False, description="Declare storage_path (or output_dir) a directory every node "
+                                 "mounts (NFS, EFS, ...); s3:// and gs:// URIs are shared anyway.")
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)  # reads $MLFLOW_TRACKING_URI at load time
 
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":
-        if self.objective.metric not in OBJECTIVE_METRICS:
-            raise ValueError(f"objective.metric {self.objective.metric!r} is not one of {sorted(OBJECTIVE_METRICS)}")
+        from trainables.tasks import objective_metrics
+
+        task, metric = self.trial.task, self.objective.metric
+        allowed = objective_metrics(task)
+        if metric not in allowed:
+            raise ValueError(f"objective.metric {metric!r} is not reported by task {task!r}; use one of "
+                             f"{', '.join(allowed)}")
+        if metric == M.SEPARATION_AT_FLOOR and self.trial.style.terse_f1_floor is None:
+            raise ValueError(f"objective.metric {metric} needs a floor: set trial.style.terse_f1_floor (e.g. 0.2) "
+                             f"or use objective.metric={M.SEPARATION}")
         return self
 
     def search_dir(self) -> Path:
         return Path(self.output_dir).expanduser().resolve() / self.name
-
-
-OBJECTIVE_METRICS = {M.F1, M.F1_BALANCED, M.EVAL_LOSS, M.PRECISION, M.RECALL}
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

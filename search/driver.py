@@ -15,6 +15,7 @@ from typing import Any
 from search.config import ExperimentConfig, dump_config
 from search.space import Space, to_tune
 from search import progress, resilience, tracking
+from trainables import metrics as M
 from trainables.settings import TINY_MODEL, SettingsError
 
 log = logging.getLogger("search")
@@ -105,7 +106,7 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
         # trials restart and their trainable continues from its last checkpoint.
         tuner = tune.Tuner.restore(f"{root}/tune", trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
-        restored_callbacks(tuner, lambda sched: [*callbacks, SearchState(sched)])
+        restored_callbacks(tuner, callbacks)
         return tuner
     sampler = (TPESampler(seed=cfg.searcher.seed, n_startup_trials=cfg.searcher.n_startup_trials)
                if cfg.searcher.algorithm == "tpe" else RandomSampler(seed=cfg.searcher.seed))
@@ -119,7 +120,9 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
     scheduler = (ASHA(time_attr="step", max_t=cfg.trial.optim.max_steps + every,
                       grace_period=cfg.scheduler.grace_period * every, reduction_factor=cfg.scheduler.reduction_factor)
                  if cfg.scheduler.type == "asha" else FIFO())
-    run_config.callbacks = [*callbacks, SearchState(scheduler)]
+    for cb in callbacks:
+        if isinstance(cb, SearchState):
+            cb.attach(scheduler)
     return tune.Tuner(
         trainable,
         param_space=to_tune(space),
@@ -142,37 +145,47 @@ def load_trainable(spec: str):
                             f"trainables.ray_trainable:run_trial") from None
 
 
-def collect_trials(results, cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """One record per trial from Tune's ResultGrid: status, params, last objective value, steps, checkpoint."""
+def collect_trials(results, cfg: ExperimentConfig, interrupted: dict[str, tuple[str, dict]] | None = None
+                   ) -> list[dict[str, Any]]:
+    """One record per trial from Tune's ResultGrid: status, params, last objective value, steps, checkpoint.
+
+    `interrupted`: after a stop, Tune's trial statuses from just before it ({trial_id: (status, config)}); a trial
+    that was RUNNING or PENDING then is INTERRUPTED (resumable), not done."""
     metric = cfg.objective.metric
     trials = []
-    # Tune's own trial objects, in the ResultGrid's order: a trial cut short by Ctrl-C / SIGTERM is still RUNNING or
-    # PENDING there (resumable), not done
     tune_trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
     for i, r in enumerate(results):
         m = r.metrics or {}
-        trial = tune_trials[i] if len(tune_trials) == len(results) else None
+        trial = tune_trials[i] if len(tune_trials) == len(results) else None  # same order as the ResultGrid
         tid = (trial.trial_id if trial else None) or m.get("trial_id") or (r.path and Path(r.path).name)
         value = m.get(metric)
         status = "ERROR" if r.error else "TERMINATED"
-        if status == "TERMINATED" and trial is not None and trial.status != "TERMINATED":
+        before, config = (interrupted or {}).get(tid, ("TERMINATED", {}))
+        if status == "TERMINATED" and before not in ("TERMINATED", "ERROR"):
             status = "INTERRUPTED"
         steps = int(m.get("step", 0) or 0)
+        # a trial whose last result fails the objective's constraint (the style task's TERSE F1 floor) keeps its
+        # (negative) score for the searcher, but is marked and can never be the best
+        below_floor = m.get(M.MEETS_FLOOR) == 0.0
+        note = (f"below the TERSE F1 floor ({M.TERSE_F1}={m.get(M.TERSE_F1, float('nan')):.3f} < "
+                f"{cfg.trial.style.terse_f1_floor})" if below_floor else None)
         trials.append({
             "trial_id": tid,
             "status": status,
-            "params": dict(r.config or {}),
+            "params": dict(r.config or (trial.config if trial else None) or config),
             "value": float(value) if value is not None and not r.error else None,
             "steps": steps,
             "stopped_early": bool(status == "TERMINATED" and steps < cfg.trial.optim.max_steps),
             "error": str(r.error).splitlines()[0][:500] if r.error else None,
             "checkpoint": m.get("checkpoint_path"),
+            "note": note,
         })
     return sorted(trials, key=lambda t: str(t["trial_id"]))
 
 
 def pick_best(trials: list[dict], mode: str) -> dict | None:
-    scored = [t for t in trials if t["value"] is not None and t["checkpoint"] and t["status"] == "TERMINATED"]
+    scored = [t for t in trials if t["value"] is not None and t["checkpoint"] and t["status"] == "TERMINATED"
+              and not t.get("note")]
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda t: t["value"])
@@ -202,18 +215,10 @@ def evaluate_on_test(adapter_dir: str, resources: dict, metrics_fn=None) -> dict
 
 
 def test_metrics(adapter_dir: str) -> dict[str, float]:
-    from trainables.data import load_splits
-    from trainables.predict import load_classifier
+    """The task's held-out test metrics (test F1, or test separation and TERSE F1) of a saved adapter."""
+    from trainables.tasks import test_metrics as task_test_metrics
 
-    clf = load_classifier(adapter_dir)
-    s = json.loads((Path(adapter_dir) / "trial_settings.json").read_text())
-    from trainables.settings import TrialSettings
-
-    settings = TrialSettings.model_validate(s)
-    splits = load_splits(settings.data, seed=settings.seed)
-    r = clf.evaluate(splits.test, settings.data.minority_label)
-    return {"test_f1": r["f1"], "test_precision": r["precision"], "test_recall": r["recall"],
-            "test_examples": len(splits.test)}
+    return task_test_metrics(adapter_dir)
 
 
 def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = False,
@@ -252,11 +257,12 @@ def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = F
         _start_ray(cfg, plan, verbose)
         stop.install()  # again: ray.init replaced the SIGTERM handler
         procs.record()
-        tuner = build_tuner(cfg, space, plan, [cb, table], resume, verbose=verbose)
+        state = resilience.SearchState()  # keep last: Tune restores callback state by position
+        tuner = build_tuner(cfg, space, plan, [cb, table, state], resume, verbose=verbose)
         stop.enter_tune()
         results = tuner.fit()
         stop.phase = "finish"
-        trials = collect_trials(results, cfg)
+        trials = collect_trials(results, cfg, state.trials if stop.requested else None)
         if stop.requested:
             cb.end_open_runs("KILLED")
         best = pick_best(trials, cfg.objective.mode)
@@ -323,7 +329,8 @@ def finalize(cfg, c, exp_id, parent, trials, best, plan, wall, mlflow_seconds,
         "name": cfg.name,
         "objective": {"metric": cfg.objective.metric, "mode": cfg.objective.mode},
         "best": best_rec,
-        "trials": [{k: t[k] for k in ("trial_id", "status", "params", "value", "steps", "stopped_early", "error")}
+        "trials": [{k: t[k] for k in ("trial_id", "status", "params", "value", "steps", "stopped_early", "error",
+                                      "note")}
                    for t in trials],
         "mlflow": {"tracking_uri": cfg.mlflow.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent},
         "wall_seconds": round(wall, 1),

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from search.progress import quiet_libraries
+
+    quiet_libraries(args.verbose)
     try:
         cfg = load_config(args.config, args.set, args.name)
         space = load_space(_resolve(cfg.space), cfg.trial)
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; partial results are in " + str(cfg.search_dir()), file=sys.stderr)
         return 130
+    if summary.get("interrupted"):
+        return 130
     return 0 if summary.get("best") else 1
 
 
@@ -78,12 +83,9 @@ def _resolve(path: str) -> Path:
     return resolve_path(path)
 
 
-def preflight(cfg: ExperimentConfig, space: Space, resume: bool = False) -> dict:
-    """Every check that can fail before Ray starts: data, model, oversampling range, output dir, MLflow, resources.
-
-    Returns the resource plan. Raises SettingsError with one line on the first problem."""
+def check_classification_data(cfg: ExperimentConfig, space: Space) -> None:
+    """The data loads and splits, and every oversampling ratio the search may try is above the natural one."""
     from trainables.data import load_splits
-    from trainables.model import check_model_source
 
     splits = load_splits(cfg.trial.data.model_copy(update={"oversample_minority": None}))
     natural = splits.counts["oversampling"]["before"]["fraction"]
@@ -96,8 +98,25 @@ def preflight(cfg: ExperimentConfig, space: Space, resume: bool = False) -> dict
             where = f"{space.source}: params.data.oversample_minority" if over else "trial.data.oversample_minority"
             raise SettingsError(f"{where}: {v} is below the natural minority fraction {natural:.4f} of the training "
                                 f"split; use values in ({natural:.4f}, 1)")
+
+
+def preflight(cfg: ExperimentConfig, space: Space, resume: bool = False) -> dict:
+    """Every check that can fail before Ray starts: data, model, oversampling range, output dir, MLflow, resources.
+
+    Returns the resource plan. Raises SettingsError with one line on the first problem."""
+    from trainables.model import check_model_source
+
+    if cfg.trial.task == "style":
+        from trainables.style import load_style_splits
+
+        load_style_splits(cfg.trial.style)
+    else:
+        check_classification_data(cfg, space)
     if cfg.trial.model.name_or_path != TINY_MODEL:
         check_model_source(cfg.trial.model)
+    from search.driver import load_trainable
+
+    load_trainable(cfg.trainable)
     if cfg.trial.model.quantization == "4bit":
         try:
             import bitsandbytes  # noqa: F401
@@ -109,24 +128,49 @@ def preflight(cfg: ExperimentConfig, space: Space, resume: bool = False) -> dict
     except ImportError:
         raise SettingsError("Ray's dashboard dependencies are missing; pip install 'ray[default,tune,train]' "
                             "(Ray Train needs the state API to free the resources of stopped trials)") from None
-    out = cfg.search_dir()
-    if resume and not (out / "tune").exists():
-        raise SettingsError(f"--resume: no search to resume at {out}; check --name and output_dir")
-    if not resume and (out / "tune").exists():
-        raise SettingsError(f"{out} already holds a search named {cfg.name!r}; use --resume to continue it "
+    from search import cluster
+
+    cluster.check_storage_path(cfg)
+    root = cluster.storage_root(cfg)  # trial results: <output_dir or storage_path>/<name>
+    exists = cluster.search_exists(cfg)
+    if resume and not exists:
+        raise SettingsError(f"--resume: no search to resume at {root}; check --name, output_dir and storage_path")
+    if not resume and exists:
+        raise SettingsError(f"{root} already holds a search named {cfg.name!r}; use --resume to continue it "
                             f"or --name NEW to start another")
     _check_writable(Path(cfg.output_dir))
+    if cfg.storage_path and not cluster.is_uri(cfg.storage_path):
+        try:
+            _check_writable(Path(cluster.storage_base(cfg)))
+        except SettingsError as err:
+            raise SettingsError(str(err).replace("output_dir", "storage_path", 2)) from None
     _check_tracking_uri(cfg.mlflow.tracking_uri)
-    return plan_resources(cfg)
+    plan = plan_resources(cfg)
+    if cfg.ray_address:  # a cluster: multi-node needs shared storage and a tracking server (search/cluster.py)
+        seen = cluster.probe(cfg)
+        plan["lines"].append(f"cluster: {seen['nodes']} node(s) alive with {seen['resources']}; trial results go to "
+                             f"{root}")
+    return plan
 
 
 def _check_writable(path: Path) -> None:
+    """Really write a file where the output would go (the nearest existing folder): permission bits alone do not
+    tell (root, read-only mounts, a file where a folder should be)."""
+    import tempfile
+
     p = path.expanduser().resolve()
     probe = p
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise SettingsError(f"output_dir: {path} is not writable; set --set output_dir=DIR to a writable directory")
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is a file")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        why = err.strerror or str(err)
+        raise SettingsError(f"output_dir: {path} is not writable ({why}); set --set output_dir=DIR to a writable "
+                            f"directory") from None
 
 
 def _check_tracking_uri(uri: str) -> None:

@@ -122,7 +122,7 @@ class FakeCluster:
                 out += [words[-1].rstrip(".")] * int(words[0])
         return out
 
-    def stop(self, grace: float = 20.0) -> None:
+    def stop(self, grace: float = 5.0) -> None:
         """End the head and every node the autoscaler started (all in this cluster's session)."""
         if self.proc is None:
             return

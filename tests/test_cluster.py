@@ -166,37 +166,60 @@ def _argv(cluster: FakeCluster, work: Path, name: str, *sets: str) -> list[str]:
     return out
 
 
-def _refusal(argv: list[str], capsys, monkeypatch) -> str:
-    """main() in this process: the exit status must be 2 and stderr one `error:` line."""
-    from search.run import main
+_MAIN_RUNNER = """
+import contextlib, io, json, sys
+from search.run import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err, std = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+        rc = main(argv)
+    out.append({"rc": rc, "stderr": err.getvalue(), "stdout": std.getvalue()})
+print("RESULTS " + json.dumps(out))
+"""
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the cluster keeps token authentication on
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("error: "), err
+
+def _run_main(*argvs: list[str]) -> list[dict]:
+    """search.run's main() for each argv, in one fresh process with the cluster's token mode (as a user's shell
+    on the cluster has it: cluster.yaml exports RAY_AUTH_MODE=token); one process saves the imports per call."""
+    proc = subprocess.run([sys.executable, "-c", _MAIN_RUNNER, json.dumps(list(argvs))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert proc.returncode == 0 and "RESULTS " in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULTS ", 1)[1])
+
+
+def _refusal(result: dict) -> str:
+    """Exit status 2 and one `error:` line on stderr; returns the message."""
+    err = result["stderr"].strip()
+    assert result["rc"] == 2 and err.count("\n") == 0 and err.startswith("error: "), result
     return err[len("error: "):]
 
 
-
 @pytest.mark.slow
-def test_refused_when_trials_must_run_on_nodes_the_autoscaler_adds(fake_cluster, mlflow_server, tiny_model,
-                                                                   sms_subset, tmp_path, capsys, monkeypatch):
-    """The head alone cannot run a trial (no accel_a10g): its workers will run on added nodes, so the search is
-    multi-node although one node is alive now. Checked before anything is built, trained or logged."""
+def test_refused_before_anything_starts_and_dry_run_reports_the_cluster(fake_cluster, mlflow_server, tiny_model,
+                                                                        sms_subset, tmp_path):
+    """Only the head is up, and it cannot run a trial (no accel_a10g): the trials' workers will run on nodes the
+    autoscaler adds, so the search is multi-node although one node is alive. Refused before anything is built,
+    trained or logged; with shared storage and the tracking server, --dry-run passes and shows the cluster."""
     uri, _ = mlflow_server
-    base = _argv(fake_cluster, tmp_path, "refused", f"trial.model.name_or_path={tiny_model}",
-                 f"trial.data.path={sms_subset}", "resources.custom_per_worker={accel_a10g: 1}")
-    msg = _refusal(base + ["--set", f"mlflow.tracking_uri={uri}"], capsys, monkeypatch)
-    assert msg.startswith(f"storage_path: {tmp_path / 'runs'} is local to each node") and \
-        "set storage_path=s3://BUCKET/PREFIX" in msg and "storage_shared=true" in msg, msg
-    shared = ["--set", f"storage_path={tmp_path / 'shared'}", "--set", "storage_shared=true"]
-    msg = _refusal(base + shared + ["--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"], capsys,
-                   monkeypatch)
+    trial = ["resources.custom_per_worker={accel_a10g: 1}", f"trial.data.path={sms_subset}"]
+    model = [f"trial.model.name_or_path={tiny_model}"]
+    shared = [f"storage_path={tmp_path / 'shared'}", "storage_shared=true"]
+    local_storage, sqlite, tiny, dry = _run_main(
+        _argv(fake_cluster, tmp_path, "refused", *trial, *model, f"mlflow.tracking_uri={uri}"),
+        _argv(fake_cluster, tmp_path, "refused", *trial, *model, *shared,
+              f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"),
+        _argv(fake_cluster, tmp_path, "refused", *trial, *shared, f"mlflow.tracking_uri={uri}"),
+        _argv(fake_cluster, tmp_path, "dry", *trial, *model, *shared, f"mlflow.tracking_uri={uri}") + ["--dry-run"],
+    )
+    msg = _refusal(local_storage)
+    assert msg.startswith(f"storage_path: {tmp_path / 'runs'} is local to each node, but a trial") and \
+        "does not fit on the driver's node" in msg and "set storage_path=s3://BUCKET/PREFIX" in msg and \
+        "storage_shared=true" in msg, msg
+    msg = _refusal(sqlite)
     assert msg.startswith(f"mlflow.tracking_uri: sqlite:///{tmp_path / 'm.db'} is a store on one node") and \
         "set mlflow.tracking_uri=http://" in msg, msg
-    msg = _refusal(_argv(fake_cluster, tmp_path, "refused", f"trial.data.path={sms_subset}",
-                         "resources.custom_per_worker={accel_a10g: 1}", f"mlflow.tracking_uri={uri}",
-                         f"storage_path={tmp_path / 'shared'}", "storage_shared=true"), capsys, monkeypatch)
+    msg = _refusal(tiny)
     assert msg.startswith("trial.model.name_or_path: the built-in tiny model is built on the driver's node"), msg
     # nothing was started: no search directory, no sqlite store, no MLflow run on the server
     assert not (tmp_path / "runs").exists() and not (tmp_path / "m.db").exists() and not (tmp_path / "shared").exists()
@@ -204,21 +227,9 @@ def test_refused_when_trials_must_run_on_nodes_the_autoscaler_adds(fake_cluster,
 
     exp = MlflowClient(uri).get_experiment_by_name("qlora-search")
     assert exp is None or not MlflowClient(uri).search_runs([exp.experiment_id], "tags.`qlora.search` = 'refused'")
-
-
-@pytest.mark.slow
-def test_dry_run_on_the_cluster_reports_it(fake_cluster, mlflow_server, tiny_model, sms_subset, tmp_path, capsys,
-                                           monkeypatch):
-    from search.run import main
-
-    uri, _ = mlflow_server
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    argv = _argv(fake_cluster, tmp_path, "dry", f"trial.model.name_or_path={tiny_model}",
-                 f"trial.data.path={sms_subset}", "resources.custom_per_worker={accel_a10g: 1}",
-                 f"mlflow.tracking_uri={uri}", f"storage_path={tmp_path / 'shared'}", "storage_shared=true")
-    assert main(argv + ["--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert re.search(r"cluster: \d node\(s\) alive with .*'CPU'", out) and f"{tmp_path / 'shared'}/dry" in out, out
+    assert dry["rc"] == 0, dry
+    assert re.search(r"cluster: 1 node\(s\) alive with \{'CPU': 1\.0", dry["stdout"]), dry["stdout"]
+    assert f"{tmp_path / 'shared'}/dry" in dry["stdout"]
 
 
 @pytest.fixture(scope="module")
@@ -297,12 +308,11 @@ def test_mlflow_server_holds_every_run_metric_and_adapter(cluster_search, mlflow
 
 
 @pytest.mark.slow
-def test_refused_with_several_nodes_alive(cluster_search, fake_cluster, tiny_model, sms_subset, tmp_path, capsys,
-                                          monkeypatch):
-    """After the search its worker nodes are still up (idle timeout): a trial that would fit the head is refused
-    too, because the cluster has several nodes and Ray may place it on any."""
-    msg = _refusal(_argv(fake_cluster, tmp_path, "refused2", f"trial.model.name_or_path={tiny_model}",
-                         f"trial.data.path={sms_subset}", f"mlflow.tracking_uri={cluster_search['uri']}"),
-                   capsys, monkeypatch)
+def test_refused_with_several_nodes_alive(cluster_search, fake_cluster, tiny_model, sms_subset, tmp_path):
+    """After the search its worker nodes are still up (idle timeout): now a trial that would fit the head is refused
+    too, because the cluster has several nodes and Ray may place it on any of them."""
+    [result] = _run_main(_argv(fake_cluster, tmp_path, "refused2", f"trial.model.name_or_path={tiny_model}",
+                               f"trial.data.path={sms_subset}", f"mlflow.tracking_uri={cluster_search['uri']}"))
+    msg = _refusal(result)
     assert re.match(r"storage_path: .* is local to each node, but the Ray cluster at \S+ has [3-9] nodes; set "
                     r"storage_path=s3://", msg), msg
