@@ -58,15 +58,43 @@ def merge_adapter(adapter_dir: Path, dst: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainables.model import torch_dtype
+    from trainables.model import fit_embeddings, torch_dtype
     from trainables.settings import TrialSettings
 
     s = TrialSettings.model_validate(json.loads((adapter_dir / "trial_settings.json").read_text()))
     base = AutoModelForCausalLM.from_pretrained(s.model.name_or_path, dtype=torch_dtype(s.model.dtype),
                                                 trust_remote_code=s.model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(str(adapter_dir))
+    fit_embeddings(base, tok)  # room for added (style) tokens; their trained rows are merged in
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(dst, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(dst)
+    tok.save_pretrained(dst)
+
+
+def show_examples(out: Path, n: int):
+    """Load the export from disk and print `n` test predictions (classification) or TERSE/VERBOSE answers (style)."""
+    from trainables.tasks import load_for_inference
+
+    settings, tok, model = load_for_inference(out)
+    if settings.task == "style":
+        from trainables.style import TERSE, VERBOSE, Decoding, StyleEvaluator, StyleFormatter, load_style_splits
+
+        st = settings.style
+        items = load_style_splits(st).test[:n]
+        ev = StyleEvaluator(model, StyleFormatter(tok, st), Decoding(max_new_tokens=st.max_new_tokens))
+        terse, verbose = ev.generate(items, TERSE), ev.generate(items, VERBOSE)
+        for i, q in enumerate(items):
+            print(f"  Q: {q.question[:90]}\n     TERSE   ({terse.lengths[i]:>2} tok) {terse.texts[i][:90]!r}  gold "
+                  f"{q.golds[0]!r}\n     VERBOSE ({verbose.lengths[i]:>2} tok) {verbose.texts[i][:90]!r}")
+        return settings
+    from trainables.data import ChatFormatter, load_splits
+    from trainables.predict import Classifier
+
+    clf = Classifier(model, ChatFormatter(tok, settings.data), batch_size=settings.eval.batch_size)
+    test = load_splits(settings.data, seed=settings.seed).test[:n]
+    for (text, gold), pred in zip(test, clf.predict([t for t, _ in test])):
+        print(f"  [{pred:>6} | gold {gold:>6}] {text[:90]}")
+    return settings
 
 
 def main(argv=None) -> int:
@@ -80,19 +108,19 @@ def main(argv=None) -> int:
     print(f"exported trial {summary['best']['trial_id']} ({summary['objective']['metric']}="
           f"{summary['best']['value']:.4f}) to {out}")
 
-    from search.driver import test_metrics
-    from trainables.data import load_splits
-    from trainables.predict import load_classifier
-    from trainables.settings import TrialSettings
+    from trainables.tasks import test_metrics
 
-    clf = load_classifier(out)  # reload what was written, not what is in memory
-    s = TrialSettings.model_validate(json.loads((out / "trial_settings.json").read_text()))
-    test = load_splits(s.data, seed=s.seed).test[: args.examples]
-    for (text, gold), pred in zip(test, clf.predict([t for t, _ in test])):
-        print(f"  [{pred:>6} | gold {gold:>6}] {text[:90]}")
-    m = test_metrics(str(out))
-    print(f"test F1 of the exported adapter: {m['test_f1']:.4f} on {m['test_examples']} examples "
-          f"(search reported {summary['best'].get('test_f1', float('nan')):.4f})")
+    settings = show_examples(out, args.examples)  # reloads what was written, not what is in memory
+    m = test_metrics(out)
+    best = summary["best"]
+    if settings.task == "style":
+        print(f"test token separation of the exported adapter: {m['test_separation']:.3f} "
+              f"(TERSE {m['test_len_terse']:.1f} vs VERBOSE {m['test_len_verbose']:.1f} tokens, same greedy "
+              f"decoding), TERSE EM {m['test_terse_em']:.3f}, F1 {m['test_terse_f1']:.3f} on {m['test_examples']} "
+              f"questions (search reported {best.get('test_separation', float('nan')):.3f})")
+    else:
+        print(f"test F1 of the exported adapter: {m['test_f1']:.4f} on {m['test_examples']} examples "
+              f"(search reported {best.get('test_f1', float('nan')):.4f})")
     if args.merge:
         from transformers import AutoModelForCausalLM
 

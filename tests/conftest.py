@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SMS = ROOT / "data" / "sms-spam" / "SMSSpamCollection"
+SQUAD = ROOT / "data" / "squad-v1.1-dev" / "dev-v1.1.json.gz"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,3 +51,41 @@ def fast_settings(tiny_model, sms_subset):
         "eval.max_examples": 24,
         "data.max_length": 96,
     })
+
+
+@pytest.fixture(scope="session")
+def squad_subset(tmp_path_factory) -> Path:
+    """12 real SQuAD articles, 2 paragraphs each (real data, small enough for fast tests)."""
+    import gzip
+    import json
+
+    doc = json.load(gzip.open(SQUAD, "rt", encoding="utf-8"))
+    small = {"version": doc["version"],
+             "data": [{"title": a["title"], "paragraphs": a["paragraphs"][:2]} for a in doc["data"][:12]]}
+    path = tmp_path_factory.mktemp("squad") / "squad-small.json"
+    path.write_text(json.dumps(small), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_search(tiny_model, sms_subset, tmp_path_factory):
+    """A finished real search, run once per test session: `python -m search.run` in a subprocess, 2 trials of 6 steps
+    on the tiny 4-bit model and the SMS subset, local Ray, a sqlite MLflow store. Returns (work dir, stdout): the
+    search is named 'e2e' and lives in <work>/runs/e2e; its MLflow store is <work>/mlflow.db."""
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("search")
+    argv = [sys.executable, "-m", "search.run", "--name", "e2e",
+            "--set", f"output_dir={work / 'runs'}",
+            "--set", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+            "--set", f"space={ROOT / 'spaces' / 'classification.yaml'}",
+            "--set", f"trial.model.name_or_path={tiny_model}",
+            "--set", f"trial.data.path={sms_subset}",
+            "--set", "num_trials=2", "--set", "max_concurrent_trials=2",
+            "--set", "trial.optim.max_steps=6", "--set", "trial.optim.batch_size=8",
+            "--set", "trial.eval.every_steps=3", "--set", "trial.eval.max_examples=24",
+            "--set", "trial.data.max_length=96", "--set", "scheduler.grace_period=2"]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, proc.stdout

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,20 +11,6 @@ from trainables import metrics as M
 from trainables.settings import StyleSettings, SettingsError, load_trial_settings
 from trainables.style import (QA, STYLE_TOKENS, TERSE, VERBOSE, Decoding, Generations, StyleEvaluator,
                               StyleFormatter, add_style_tokens, answer_sentence, load_style_splits, separation)
-
-ROOT = Path(__file__).resolve().parent.parent
-SQUAD = ROOT / "data" / "squad-v1.1-dev" / "dev-v1.1.json.gz"
-
-
-@pytest.fixture(scope="session")
-def squad_subset(tmp_path_factory) -> Path:
-    """12 real SQuAD articles, 2 paragraphs each (real data, small enough for fast tests)."""
-    doc = json.load(gzip.open(SQUAD, "rt", encoding="utf-8"))
-    small = {"version": doc["version"],
-             "data": [{"title": a["title"], "paragraphs": a["paragraphs"][:2]} for a in doc["data"][:12]]}
-    path = tmp_path_factory.mktemp("squad") / "squad-small.json"
-    path.write_text(json.dumps(small), encoding="utf-8")
-    return path
 
 
 @pytest.fixture
