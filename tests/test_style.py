@@ -250,3 +250,19 @@ def test_export_reload_round_trips_style_tokens_and_separation(style_settings, t
     assert again[M.SEPARATION] == pytest.approx(metrics[M.SEPARATION], rel=1e-6)
     assert again[M.TERSE_F1] == pytest.approx(metrics[M.TERSE_F1], abs=1e-9)
     assert again["val_len_verbose"] == pytest.approx(metrics["val_len_verbose"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "trial.style.path=no-such-squad.json"], "no-such-squad.json: style data file not found"),
+    (["--set", "objective.metric=val_f1"], "objective.metric 'val_f1' is not reported by task 'style'"),
+    (["--set", "objective.metric=val_separation_at_floor"], "needs a floor: set trial.style.terse_f1_floor"),
+    (["--set", "trial.style.terse_f1_floor=1.5"], "trial.style.terse_f1_floor: Input should be less than or equal"),
+    (["--set", "trial.style.context=page"], "trial.style.context"),
+])
+def test_bad_style_input_is_one_line_before_anything_runs(capsys, extra, message):
+    from search.run import main
+
+    code = main(["--config", "configs/style_squad.yaml", "--dry-run", *extra])
+    out, err = capsys.readouterr()
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
