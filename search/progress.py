@@ -228,11 +228,11 @@ class ProgressTable(Callback):
         keys = self.param_keys or sorted({k for r in rows for k in r["params"]})
         names = short_names(keys)
         counts = {s: sum(r["status"] == s for r in rows) for s in ("running", "done", "stopped", "error")}
-        best = (f"best so far: {self.metric}={fmt_metric(self.best[0])} (trial {self.best[1]})" if self.best
-                else f"best so far: - ({self.metric}, {self.mode})")
+        best = (f"best so far: {self.metric}={fmt_metric(self.best[0])} (trial {self.best[1]}, marked *)"
+                if self.best else f"best so far: none yet ({self.metric}, {self.mode})")
         started = sum(r["status"] != "pending" for r in rows)
         head = (f"[{fmt_duration(elapsed)}] trials {started}/{self.num_trials} started: {counts['running']} running, "
-                f"{counts['done']} done, {counts['stopped']} stopped early, {counts['error']} failed | {best}")
+                f"{counts['done']} done, {counts['stopped']} stopped early, {counts['error']} failed\n{best}")
         header = ["trial", "status", "steps", self.metric, "best", "time"] + [names[k] for k in keys]
         table = []
         for r in rows:
@@ -272,6 +272,29 @@ def ranked(trials: list[dict], mode: str) -> list[dict]:
     return sorted(scored, key=lambda t: t["value"], reverse=(mode == "max")) + rest
 
 
+def _wrap_pairs(prefix: str, params: dict[str, Any], width: int) -> list[str]:
+    """`key=value` pairs (the spelling --set takes) wrapped under a prefix."""
+    import textwrap
+
+    text = " ".join(f"{k}={format(v, '.4g') if isinstance(v, float) else json.dumps(v, default=str)}"
+                    for k, v in params.items())
+    return textwrap.wrap(text, width=width, initial_indent=prefix, subsequent_indent=" " * len(prefix),
+                         break_on_hyphens=False) or [prefix]
+
+
+def runs_url(base: str, experiment_id: str | None, search_name: str | None = None) -> str:
+    """The MLflow UI's runs table of the experiment, in its model-training view (MLflow 3 opens experiments in
+    its GenAI view otherwise), filtered to one search's parent and trial runs."""
+    from urllib.parse import quote
+
+    if not experiment_id:
+        return base
+    url = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if search_name:
+        url += "&searchFilter=" + quote(f"tags.`qlora.search` = '{search_name}'", safe="")
+    return url
+
+
 def mlflow_ui_command(tracking_uri: str) -> tuple[str, str]:
     """(command to start the MLflow UI, URL it serves) for a tracking URI."""
     if tracking_uri.startswith(("http://", "https://")):
@@ -285,9 +308,13 @@ def format_summary(summary: dict[str, Any], summary_path: str | Path, top: int =
     trials = summary["trials"]
     n_early = sum(bool(t.get("stopped_early")) for t in trials)
     n_err = sum(t.get("status") == "ERROR" for t in trials)
+    n_cut = sum(t.get("status") == "INTERRUPTED" for t in trials)
     b = summary.get("best")
+    stopped = summary.get("interrupted")
     title = (f"== search {summary['name']!r}: {len(trials)} trials in {fmt_duration(summary.get('wall_seconds', 0))}"
-             f", {n_early} stopped early, {n_err} failed; objective {metric} ({mode}) ==")
+             f", {n_early} stopped early, {n_err} failed" + (f", {n_cut} unfinished (stopped by {stopped})"
+                                                             if stopped else "")
+             + f"; objective {metric} ({mode}) ==")
     keys = list(dict.fromkeys(k for t in trials for k in t.get("params", {})))  # the space's order
     names = short_names(keys)
     header = ["rank", "trial", metric, "steps", "early"] + [names[k] for k in keys]
@@ -295,7 +322,10 @@ def format_summary(summary: dict[str, Any], summary_path: str | Path, top: int =
     order = ranked(trials, mode)
     for i, t in enumerate(order[:top], 1):
         mark = "*" if b and t["trial_id"] == b["trial_id"] else ""
-        status = "error" if t.get("status") == "ERROR" else ("yes" if t.get("stopped_early") else "no")
+        status = {"ERROR": "error", "INTERRUPTED": "unfinished"}.get(
+            t.get("status"), "yes" if t.get("stopped_early") else "no")
+        if t.get("note"):
+            status += " (!)"
         rows.append([str(i), f"{t['trial_id']}{mark}", fmt_metric(t.get("value")), str(t.get("steps", 0)), status]
                     + [fmt_value(t.get("params", {}).get(k)) for k in keys])
     lines = ["", title] + render_table(header, rows, "rlrrl" + "r" * len(keys), width)
@@ -307,6 +337,8 @@ def format_summary(summary: dict[str, Any], summary_path: str | Path, top: int =
     for t in trials:
         if t.get("error"):
             lines.append(f"trial {t['trial_id']} failed: {t['error'][:width - 22]}")
+        if t.get("note"):
+            lines.append(f"(!) trial {t['trial_id']}: {t['note']}; it cannot be the best")
     lines.append("")
     path = Path(summary_path)
     name = summary["name"]
@@ -317,7 +349,10 @@ def format_summary(summary: dict[str, Any], summary_path: str | Path, top: int =
                      "steps")
         if tests:
             lines.append(f"  test split: {tests}")
-        lines.append(f"  params:     {json.dumps(b['params'], default=str)}")
+        elif stopped:
+            lines.append(f"  not test-evaluated or registered: the search was stopped by {stopped}; "
+                         f"--resume finishes it")
+        lines += _wrap_pairs("  params:     ", b["params"], width)
         lines.append(f"  adapter:    {_rel(b['adapter_dir'])}")
         if b.get("model_version"):
             lines.append(f"  registered: MLflow model version {b['model_version']} (alias 'champion')")
@@ -325,11 +360,11 @@ def format_summary(summary: dict[str, Any], summary_path: str | Path, top: int =
         lines.append("no trial produced a result; see the errors above (run again with --verbose for worker logs)")
     report = path.parent / "report"
     if report.is_dir() and any(report.glob("*.png")):
-        lines.append(f"report:       {_rel(report)}/ ({', '.join(sorted(p.name for p in report.glob('*.png')))})")
+        lines.append(f"report:       {_rel(report)}/")
+        lines.append(f"              {' '.join(sorted(p.name for p in report.glob('*.png')))}")
     ml = summary.get("mlflow", {})
     cmd, url = mlflow_ui_command(ml.get("tracking_uri", "sqlite:///mlflow.db"))
-    exp = ml.get("experiment_id")
-    where = f"{url}/#/experiments/{exp}" if exp else url
+    where = runs_url(url, ml.get("experiment_id"), name)
     if cmd:
         lines.append(f"compare runs: {cmd}")
         lines.append(f"              then open {where}")

@@ -44,19 +44,35 @@ def load_summary(search_dir: Path) -> dict[str, Any]:
         raise SettingsError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
 
 
+def tune_dir(search_dir: Path) -> str | None:
+    """Ray Tune's experiment directory of the search: <storage_path or output_dir>/<name>/tune (search/cluster.py);
+    a local path or a URI (s3://...)."""
+    try:
+        from search import cluster
+        from search.config import ExperimentConfig
+
+        cfg = ExperimentConfig.model_validate(yaml.safe_load((search_dir / "config.yaml").read_text()))
+        if cfg.storage_path:
+            return cluster.storage_root(cfg) + "/tune"
+    except Exception:  # no or an older config.yaml: Tune wrote next to summary.json
+        pass
+    local = search_dir / "tune"
+    return str(local) if local.is_dir() else None
+
+
 def trial_histories(search_dir: Path, metric: str) -> dict[str, list[dict[str, float]]]:
     """Per trial id, its reported results in order: wall-clock `timestamp`, `time_total_s`, `step` and the metric.
 
-    Read from Ray Tune's experiment directory (no Ray cluster needed); {} if it is gone."""
-    tune_dir = search_dir / "tune"
-    if not tune_dir.is_dir():
+    Read from Ray Tune's experiment directory (no Ray cluster needed); {} if it cannot be read."""
+    where = tune_dir(search_dir)
+    if where is None:
         return {}
     from ray.tune import ExperimentAnalysis
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            analysis = ExperimentAnalysis(str(tune_dir))
+            analysis = ExperimentAnalysis(where)
         except Exception:  # an experiment dir from another Ray version, or half-written: plots from summary only
             return {}
         out: dict[str, list[dict[str, float]]] = {}
@@ -129,7 +145,7 @@ def build_study(summary: dict[str, Any], dists: dict[str, Any], histories: dict[
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     mode = summary["objective"]["mode"]
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize",
                                 study_name=summary["name"])
@@ -194,13 +210,15 @@ def plot_best_so_far(summary: dict, histories: dict[str, list[dict]], path: Path
     plt.close(fig)
 
 
-def _save_optuna_plot(fn, path: Path, title: str, **kw) -> str | None:
-    """Run an optuna.visualization.matplotlib function and save its figure; on failure (e.g. too few trials)
-    save a figure that says why, and return the reason."""
+def _save_optuna_plot(fn, path: Path, title: str, unavailable: str | None = None, **kw) -> str | None:
+    """Run an optuna.visualization.matplotlib function and save its figure. When it cannot be drawn (`unavailable`
+    says why, or Optuna refuses), save a figure that says why instead, and return the reason."""
     import matplotlib.pyplot as plt
 
-    reason = None
+    reason = unavailable
     try:
+        if reason:
+            raise ValueError(reason)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ax = fn(**kw)
@@ -249,14 +267,18 @@ def write_report(search_dir: str | Path, log_to_mlflow: bool = True) -> dict[str
     notes["parallel_coordinate.png"] = _save_optuna_plot(
         ovm.plot_parallel_coordinate, out / "parallel_coordinate.png",
         f"search {summary['name']!r}: parameters vs {metric}", study=study, target_name=metric)
-    n_done = sum(t.get("value") is not None for t in summary["trials"])
+    values = [t["value"] for t in summary["trials"] if t.get("value") is not None]
     notes["param_importances.png"] = _save_optuna_plot(
         ovm.plot_param_importances, out / "param_importances.png",
-        f"search {summary['name']!r}: parameter importances for {metric} from {n_done} trials"
-        + (" (few trials: indicative only)" if n_done < 10 else ""), study=study, target_name=metric)
+        f"search {summary['name']!r}: parameter importances for {metric} from {len(values)} trials"
+        + (" (few trials: indicative only)" if len(values) < 10 else ""), study=study, target_name=metric,
+        unavailable=None if len(set(values)) >= 2 else
+        "needs at least 2 finished trials with different objective values")
     notes["learning_curves.png"] = _save_optuna_plot(
         ovm.plot_intermediate_values, out / "learning_curves.png",
-        f"search {summary['name']!r}: {metric} at each evaluation step", study=study)
+        f"search {summary['name']!r}: {metric} at each evaluation step", study=study,
+        unavailable=None if any(t.intermediate_values for t in study.trials) else
+        "no per-step results (Ray Tune's trial directories of this search are gone)")
     write_trials_csv(summary, out / "trials.csv")
     files = [out / name for name in PLOTS] + [out / "trials.csv"]
     logged = False

@@ -13,21 +13,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finished_search(tiny_model, sms_subset, tmp_path_factory):
-    work = tmp_path_factory.mktemp("search")
-    argv = [sys.executable, "-m", "search.run", "--name", "e2e",
-            "--set", f"output_dir={work / 'runs'}",
-            "--set", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-            "--set", f"space={ROOT / 'spaces' / 'classification.yaml'}",
-            "--set", f"trial.model.name_or_path={tiny_model}",
-            "--set", f"trial.data.path={sms_subset}",
-            "--set", "num_trials=2", "--set", "max_concurrent_trials=2",
-            "--set", "trial.optim.max_steps=6", "--set", "trial.optim.batch_size=8",
-            "--set", "trial.eval.every_steps=3", "--set", "trial.eval.max_examples=24",
-            "--set", "trial.data.max_length=96", "--set", "scheduler.grace_period=2"]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return work, proc.stdout
+def finished_search(small_search):
+    """The session's finished 2-trial search (tests/conftest.py: small_search), shared with the report and
+    MLflow UI tests so that it runs once."""
+    return small_search
 
 
 def test_summary_lists_every_trial_and_the_best(finished_search):
