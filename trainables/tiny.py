@@ -225,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=TinySpec.seed, help="Seed for tokenizer, init and pre-training.")
     p.add_argument("--pretrain-steps", type=int, default=TinySpec.pretrain_steps,
                    help="Causal-LM pre-training steps (0: random init only).")
-    p.add_argument("--hidden-size", type=int, default=TinySpec.hidden_size)
-    p.add_argument("--layers", type=int, default=TinySpec.num_layers)
+    p.add_argument("--hidden-size", type=int, default=TinySpec.hidden_size,
+                   help=f"Width of the model (default: {TinySpec.hidden_size}).")
+    p.add_argument("--layers", type=int, default=TinySpec.num_layers,
+                   help=f"Number of decoder layers (default: {TinySpec.num_layers}).")
     args = p.parse_args(argv)
     from trainables.settings import DataSettings, SettingsError, load_trial_settings
 
