@@ -316,3 +316,68 @@ def test_refused_with_several_nodes_alive(cluster_search, fake_cluster, tiny_mod
     msg = _refusal(result)
     assert re.match(r"storage_path: .* is local to each node, but the Ray cluster at \S+ has [3-9] nodes; set "
                     r"storage_path=s3://", msg), msg
+
+
+_DDP_RUNNER = """
+import json, os, sys
+import ray, ray.train
+from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+
+def loop(config):
+    from trainables.model import device_map
+    from trainables.settings import TrialSettings
+    from trainables.sft import train
+
+    import torch
+    from unittest import mock
+
+    rank = ray.train.get_context().get_world_rank()
+    with mock.patch.object(torch.cuda, "is_available", return_value=True):  # the GPU is stood in for this call only
+        on_gpu = device_map()
+    seen = {"rank": rank, "local_rank": int(os.environ["LOCAL_RANK"]), "device_map": str(device_map()),
+            "gpu_device_map": on_gpu, "node_id": ray.get_runtime_context().get_node_id(), "reports": 0,
+            "checkpoints": 0}
+
+    def report(metrics, checkpoint_dir):
+        seen["reports"] += 1
+        seen["checkpoints"] += checkpoint_dir is not None
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    train(TrialSettings.model_validate(config["settings"]), report)
+    with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
+        json.dump(seen, f)
+
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+cfg = json.loads(sys.argv[2])
+result = TorchTrainer(loop, train_loop_config=cfg,
+                      scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1, "accel_a10g": 1}),
+                      run_config=RunConfig(name="ddp", storage_path=cfg["storage"])).fit()
+print("RESULT " + json.dumps({"error": str(result.error) if result.error else None,
+                              "checkpoint": result.checkpoint.path if result.checkpoint else None}))
+"""
+
+
+@pytest.mark.slow
+def test_a_ddp_trial_spans_two_nodes_and_only_rank_0_checkpoints(fake_cluster, fast_settings, tmp_path):
+    """One trial, two Train workers (gloo DDP), each on its own gpu_a10g node: every rank loads its own base on the
+    device of its local rank, all ranks report, and only rank 0 hands Train a checkpoint.
+
+    Ray Train numbers local ranks per node *IP*; the fake nodes share this machine's IP, so the two ranks get local
+    ranks 0 and 1 here (on a real cluster, 0 on each node). CPU training runs on "cpu"; what the same code picks on
+    a GPU node is read with CUDA availability stood in."""
+    s = fast_settings.with_values({"optim.max_steps": 3, "eval.every_steps": 3, "optim.batch_size": 4})
+    cfg = {"settings": s.model_dump(), "out": str(tmp_path), "storage": str(tmp_path / "shared")}
+    proc = subprocess.run([sys.executable, "-c", _DDP_RUNNER, fake_cluster.address, json.dumps(cfg)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert "RESULT " in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["error"] is None and result["checkpoint"].startswith(str(tmp_path / "shared")), result
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["node_id"] != ranks[1]["node_id"]
+    assert sorted(r["local_rank"] for r in ranks) == [0, 1] and all(r["device_map"] == "{'': 'cpu'}" for r in ranks)
+    assert all(r["gpu_device_map"] == {"": r["local_rank"]} for r in ranks)
+    assert [r["reports"] for r in ranks] == [1, 1] and [r["checkpoints"] for r in ranks] == [1, 0]
+    assert len(list((tmp_path / "shared" / "ddp").glob("checkpoint_*/adapter_model.safetensors"))) == 1
