@@ -134,16 +134,16 @@ class ProgressTable(Callback):
     """Tune callback printing one table of all trials with the search's best so far (see module docstring)."""
 
     def __init__(self, metric: str, mode: str, max_steps: int, num_trials: int, param_keys: Iterable[str] = (),
-                 interval: float = 30.0, settle: float = 2.0, width: int | None = None,
+                 interval: float = 30.0, settle: float = 2.0, width: int | None = None, max_rows: int = 16,
                  out: Callable[[str], None] | None = None):
         self.metric, self.mode = metric, mode
         self.max_steps, self.num_trials = max_steps, num_trials
         self.param_keys = list(param_keys)
         self.interval, self.settle = interval, settle
-        self.width = width
+        self.width, self.max_rows = width, max_rows
         self.out = out
         self.start: float | None = None
-        self.info: dict[str, dict[str, Any]] = {}  # trial_id -> started, ended, best, history
+        self.info: dict[str, dict[str, Any]] = {}  # trial_id -> started, ended, best
         self.best: tuple[float, str] | None = None
         self._last_print = 0.0
         self._changed_at: float | None = None
@@ -155,7 +155,7 @@ class ProgressTable(Callback):
         self.start = time.time()
 
     def _rec(self, trial) -> dict[str, Any]:
-        return self.info.setdefault(trial.trial_id, {"started": None, "ended": None, "best": None, "history": []})
+        return self.info.setdefault(trial.trial_id, {"started": None, "ended": None, "best": None})
 
     def _changed(self, important: bool) -> None:
         now = time.time()
@@ -171,7 +171,6 @@ class ProgressTable(Callback):
         rec = self._rec(trial)
         value = result.get(self.metric)
         value = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        rec["history"].append((time.time() - (self.start or time.time()), result.get("step"), value))
         if better(value, rec["best"], self.mode):
             rec["best"] = value
         if better(value, self.best[0] if self.best else None, self.mode):
@@ -234,6 +233,13 @@ class ProgressTable(Callback):
         head = (f"[{fmt_duration(elapsed)}] trials {started}/{self.num_trials} started: {counts['running']} running, "
                 f"{counts['done']} done, {counts['stopped']} stopped early, {counts['error']} failed\n{best}")
         header = ["trial", "status", "steps", self.metric, "best", "time"] + [names[k] for k in keys]
+        hidden = 0
+        if len(rows) > self.max_rows:  # a long search: every active trial, then the best finished ones
+            active = [r for r in rows if r["status"] in ("running", "pending", "paused")]
+            ended = ranked([{**r, "value": r["best"]} for r in rows if r not in active], self.mode)
+            keep = {r["trial_id"] for r in active + ended[:max(0, self.max_rows - len(active))]}
+            hidden = len(rows) - len(keep)
+            rows = [r for r in rows if r["trial_id"] in keep]
         table = []
         for r in rows:
             mark = "*" if self.best and r["trial_id"] == self.best[1] else ""
@@ -242,6 +248,8 @@ class ProgressTable(Callback):
                           fmt_duration(r["seconds"]) if r["seconds"] is not None else "-"]
                          + [fmt_value(r["params"].get(k)) for k in keys])
         lines = [head] + render_table(header, table, "llrrrr" + "r" * len(keys), width)
+        if hidden:
+            lines.append(f"({hidden} more finished trials not shown; all of them are in the summary at the end)")
         if not self._printed_legend:
             text = legend(keys, width)
             if text:

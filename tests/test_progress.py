@@ -105,6 +105,20 @@ def test_progress_table_prints_on_events_and_throttles_results():
     assert len(printed2) == 1 and "best so far: val_f1=0.5000" in printed2[0]
 
 
+def test_a_long_search_shows_active_trials_and_the_best_finished_ones():
+    t, printed = table(max_rows=5)
+    trials = []
+    for i in range(12):
+        tr = FakeTrial(f"t{i:07d}", params(), "TERMINATED", {"step": 300, "val_f1": i / 100})
+        trials.append(tr)
+        t.on_trial_result(0, trials, tr, tr.last_result)
+    trials.append(FakeTrial("running1", params(), "RUNNING", {"step": 100, "val_f1": 0.01}))
+    t.on_experiment_end(trials)
+    rows = [line.split()[0] for line in printed[-1].splitlines()[3:] if line[:1].isalnum()]
+    assert rows[:5] == ["t0000008", "t0000009", "t0000010", "t0000011*", "running1"]
+    assert "(8 more finished trials not shown" in printed[-1]
+
+
 def test_progress_table_follows_the_objective_mode():
     printed: list[str] = []
     trials = [FakeTrial("aaaa0001", params(), "RUNNING"), FakeTrial("bbbb0002", params(), "RUNNING")]
