@@ -50,10 +50,17 @@ class FIFO(_ControllerAware, FIFOScheduler):
 class SearchState(Callback):
     """Snapshot the experiment when a trial ends; save and restore the scheduler's state with the experiment."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler=None):
         self.scheduler = scheduler
         self._dirty = False
         self.snapshots = 0
+        # Tune's view of every trial at the end of the last step: {trial_id: (status, config)}. Tune marks running
+        # trials TERMINATED while it cleans up after a stop, so this is where an interrupted trial still shows RUNNING.
+        self.trials: dict[str, tuple[str, dict]] = {}
+
+    def attach(self, scheduler) -> "SearchState":
+        self.scheduler = scheduler
+        return self
 
     def get_state(self) -> dict | None:
         return {"scheduler": {k: v for k, v in self.scheduler.__dict__.items() if k not in _NOT_STATE}}
@@ -68,6 +75,7 @@ class SearchState(Callback):
         self._dirty = True
 
     def on_step_end(self, iteration, trials, **info):
+        self.trials = {t.trial_id: (t.status, dict(t.config or {})) for t in trials}
         controller = getattr(self.scheduler, "_controller", None)
         if self._dirty and controller is not None:
             # Tune snapshots at most every 10 s by default; a trial that finished inside that window would be run
@@ -77,13 +85,15 @@ class SearchState(Callback):
         self._dirty = False
 
 
-def restored_callbacks(tuner, make: Callable[[Any], list]) -> list:
-    """Give a `Tuner.restore`d tuner fresh callbacks (live MLflow client, this run's counters).
+def restored_callbacks(tuner, callbacks: list) -> list:
+    """Give a `Tuner.restore`d tuner this run's callbacks (live MLflow client, this run's counters).
 
-    `Tuner.restore` brings back the callbacks pickled when the search began; `make(scheduler)` builds new ones around
-    the restored scheduler, in the same order, so Tune hands each its saved state."""
+    `Tuner.restore` brings back the callbacks pickled when the search began; these replace them, in the same order,
+    so Tune hands each its saved state, and the `SearchState` among them is attached to the restored scheduler."""
     internal = tuner._local_tuner  # Ray 2.60: the restored run config and tune config live on the internal tuner
-    callbacks = make(internal._tune_config.scheduler)
+    for cb in callbacks:
+        if isinstance(cb, SearchState):
+            cb.attach(internal._tune_config.scheduler)
     internal._run_config.callbacks = callbacks
     return callbacks
 
