@@ -86,6 +86,7 @@ class MlflowTrialCallback(Callback):
         self.search = search_name
         self.runs: dict[str, str] = {}
         self.open: set[str] = set()  # child runs this callback set RUNNING and has not ended yet
+        self.last_step: dict[str, int] = {}  # per trial: the last step logged, also by an earlier driver
         self.last_checkpoint: dict[str, str] = {}
         self.seconds = 0.0  # time spent in MLflow calls, for the overhead report
         self._c = None
@@ -106,6 +107,9 @@ class MlflowTrialCallback(Callback):
         run_id = find_child_run(self.c, self.exp_id, self.parent, tid)
         if run_id:
             self.c.update_run(run_id, status="RUNNING")
+            logged = [m.step for m in self.c.get_metric_history(run_id, "step")]
+            if logged:
+                self.last_step[tid] = max(logged)
         else:
             run = self.c.create_run(self.exp_id, run_name=f"trial-{tid}",
                                     tags={"mlflow.parentRunId": self.parent, TRIAL_TAG: tid, SEARCH_TAG: self.search,
@@ -134,7 +138,11 @@ class MlflowTrialCallback(Callback):
         step = int(result.get("step", result.get("training_iteration", 0)))
         ts = int(time.time() * 1000)
         metrics = [Metric(k, v, ts, step) for k, v in numeric_metrics(result).items()]
-        self.c.log_batch(run_id, metrics=metrics)
+        # A trial restarted from a checkpoint (worker retry, --resume) may report a step its run already holds, e.g.
+        # its last one again; keep one point per step so the curve continues instead of doubling back.
+        if step > self.last_step.get(trial.trial_id, -1):
+            self.c.log_batch(run_id, metrics=metrics)
+            self.last_step[trial.trial_id] = step
         if result.get("checkpoint_path"):
             self.last_checkpoint[trial.trial_id] = result["checkpoint_path"]
         self.seconds += time.time() - t

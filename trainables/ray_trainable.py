@@ -53,9 +53,28 @@ def train_worker(config: dict[str, Any], on_end=None) -> None:
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
+            final = _final_metrics(d, settings)
+            if final is not None:
+                # Trained to the end before the restart (the driver died after the last report): report that result
+                # again rather than train on; HF's Trainer resumed at max_steps runs one step past it.
+                report(final, d if ctx.get_world_rank() == 0 else None)
+                return
             train(settings, report, checkpoint_dir=d, on_end=on_end)
     else:
         train(settings, report, on_end=on_end)
+
+
+def _final_metrics(checkpoint_dir: str, settings: TrialSettings) -> dict[str, Any] | None:
+    import json
+    from pathlib import Path
+
+    from trainables import metrics as M
+
+    try:
+        metrics = json.loads((Path(checkpoint_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if int(metrics.get(M.STEP, 0)) >= settings.optim.max_steps else None
 
 
 def _node_id() -> str:
