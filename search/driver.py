@@ -242,7 +242,7 @@ def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = F
             tags={"git_commit": git_commit(), **{f"version.{k}": v for k, v in library_versions().items()}},
             files={"experiment_config.yaml": dump_config(cfg), "space.yaml": Path(space.source).read_text()},
         )
-    (out / "config.yaml").write_text(dump_config(cfg))
+    (out / "config.yaml").write_text(tracking.redact(dump_config(cfg)))
     cb = tracking.MlflowTrialCallback(cfg.mlflow.tracking_uri, exp_id, parent, cfg.name)
     table = progress.ProgressTable(cfg.objective.metric, cfg.objective.mode, cfg.trial.optim.max_steps,
                                    cfg.num_trials, param_keys=list(space.params))
@@ -332,7 +332,8 @@ def finalize(cfg, c, exp_id, parent, trials, best, plan, wall, mlflow_seconds,
         "trials": [{k: t[k] for k in ("trial_id", "status", "params", "value", "steps", "stopped_early", "error",
                                       "note")}
                    for t in trials],
-        "mlflow": {"tracking_uri": cfg.mlflow.tracking_uri, "experiment_id": exp_id, "parent_run_id": parent},
+        "mlflow": {"tracking_uri": tracking.redact(cfg.mlflow.tracking_uri), "experiment_id": exp_id,
+                   "parent_run_id": parent},
         "wall_seconds": round(wall, 1),
         "mlflow_seconds": round(mlflow_seconds, 2),
         "interrupted": interrupted,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -26,6 +27,22 @@ ADAPTER_ARTIFACT = "adapter"
 # files of a trial checkpoint that make up the adapter as users load it (optimizer state stays out of MLflow)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                  "chat_template.jinja", "special_tokens_map.json", "trial_settings.json", "metrics.json")
+
+
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)
+_URI_CREDENTIALS = re.compile(r"([a-z][a-z0-9+.-]*://)[^/\s@:]+(?::[^/\s@]*)?@", re.I)
+
+
+def redact(text: str) -> str:
+    """Text as it may be written to MLflow or the results folder: no `user:password@` in URIs, and no value of an
+    environment variable whose name says it is a secret (HF_TOKEN, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD...)."""
+    import os
+
+    text = _URI_CREDENTIALS.sub(r"\1***@", text)
+    for name, value in os.environ.items():
+        if len(value) >= 6 and _SECRET_NAME.search(name) and value in text:
+            text = text.replace(value, "***")
+    return text
 
 
 def client(tracking_uri: str):
@@ -54,10 +71,10 @@ def find_or_create_parent(c, exp_id: str, search_name: str, resume: bool) -> str
 def log_parent_info(c, run_id: str, params: dict[str, Any], tags: dict[str, str], files: dict[str, str]) -> None:
     from mlflow.entities import Param, RunTag
 
-    c.log_batch(run_id, params=[Param(k, _param_str(v)) for k, v in params.items()],
-                tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    c.log_batch(run_id, params=[Param(k, redact(_param_str(v))) for k, v in params.items()],
+                tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
     for name, text in files.items():
-        c.log_text(run_id, text, name)
+        c.log_text(run_id, redact(text), name)
 
 
 def _param_str(v: Any) -> str:
@@ -160,7 +177,7 @@ class MlflowTrialCallback(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.child_run(trial)
         err = str(getattr(trial, "error_msg", None) or "") or _error_text(trial)
-        self.c.set_tag(run_id, "qlora.error", err[:4000])
+        self.c.set_tag(run_id, "qlora.error", redact(err)[:4000])
         self.c.set_terminated(run_id, "FAILED")
         self.open.discard(run_id)
 
