@@ -266,3 +266,22 @@ def test_bad_style_input_is_one_line_before_anything_runs(capsys, extra, message
     out, err = capsys.readouterr()
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+def test_terse_repeats_rebalance_the_training_rows(tiny_model):
+    from trainables.model import load_tokenizer
+    from trainables.settings import ModelSettings
+
+    tok = load_tokenizer(ModelSettings(name_or_path=str(tiny_model)))
+    add_style_tokens(tok)
+    fmt = StyleFormatter(tok, StyleSettings())
+    items = [QA("a", "g", "Who won?", "The Broncos won the game.", "Broncos", "The Broncos won the game.",
+                ("Broncos",))]
+    cols, stats = fmt.encode(items, terse_repeats=3)
+    terse_id, verbose_id = tok.convert_tokens_to_ids(list(STYLE_TOKENS.values()))
+    assert [terse_id in ids for ids in cols["input_ids"]] == [True, True, True, False]
+    assert verbose_id in cols["input_ids"][3]
+    assert stats[TERSE]["n"] == 3 and stats[VERBOSE]["n"] == 1
+    # the completion is exactly the target plus the end of turn; the prompt (with the style token) is masked
+    masked = [t for t, m in zip(cols["input_ids"][0], cols["completion_mask"][0]) if m]
+    assert tok.decode(masked).startswith("Broncos") and terse_id not in masked

@@ -116,6 +116,9 @@ class StyleSettings(_Strict):
                                             "and a VERBOSE example); None = all.")
     eval_questions: int = Field(96, gt=0, description="Held-out questions generated for each evaluation (both styles).")
     test_questions: int = Field(256, gt=0, description="Test questions for the final evaluation of the best adapter.")
+    terse_repeats: int = Field(1, ge=1, le=16, description="Copies of each TERSE example in the training split. "
+                               "A VERBOSE target has ~10x the tokens of a TERSE one and dominates the loss; repeating "
+                               "TERSE examples rebalances it (as oversampling does for a minority class).")
     max_new_tokens: int = Field(64, gt=0, le=4096, description="Generation budget, the same for both styles.")
     max_length: int = Field(192, ge=32, le=32768, description="Max tokens per training example; the context is cut "
                             "first, the answer last.")

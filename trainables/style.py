@@ -272,14 +272,15 @@ class StyleFormatter(ChatTemplate):
         ids = self._prompt_ids(self.user_text(q, style, " ".join(words[:lo])))
         return ids[-budget:] if len(ids) > budget else ids, True
 
-    def encode(self, items: Sequence[QA]) -> tuple[dict[str, list], dict[str, Any]]:
-        """Both styles of every question, as SFT columns, with length statistics per style."""
+    def encode(self, items: Sequence[QA], terse_repeats: int = 1) -> tuple[dict[str, list], dict[str, Any]]:
+        """Both styles of every question (TERSE `terse_repeats` times), as SFT columns, with length statistics per
+        style. SFTTrainer shuffles the rows."""
         input_ids, masks = [], []
         lengths: dict[str, list[int]] = {TERSE: [], VERBOSE: []}
         targets: dict[str, list[int]] = {TERSE: [], VERBOSE: []}
         cut = {TERSE: 0, VERBOSE: 0}
         for q in items:
-            for style in STYLES:
+            for style in (TERSE,) * terse_repeats + (VERBOSE,):
                 c = self._completion_ids(q.target(style))
                 if len(c) > self.max_length // 2:  # an over-long target keeps its head and the end-of-turn token
                     c = c[: self.max_length // 2 - 1] + c[-1:]

@@ -77,7 +77,7 @@ class StyleTask:
         add_style_tokens(tokenizer)
         self.splits = load_style_splits(s.style)
         self.fmt = StyleFormatter(tokenizer, s.style)
-        self.train_cols, train_len = self.fmt.encode(self.splits.train)
+        self.train_cols, train_len = self.fmt.encode(self.splits.train, s.style.terse_repeats)
         self.val_items = self.splits.val[: s.style.eval_questions]
         self.val_cols, val_len = self.fmt.encode(self.val_items)
         self.stats = {"counts": self.splits.counts, "lengths": {"train": train_len, "val": val_len}}
