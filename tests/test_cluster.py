@@ -123,6 +123,20 @@ def test_multi_node_rules_without_a_cluster(tmp_path):
         check_cluster(load_config(None, ok[:4]), 2, True, "a:1")
 
 
+def test_storage_path_is_checked_before_ray_starts(tiny_model, sms_subset, tmp_path, capsys):
+    """An unknown URI scheme, and an existing search in shared storage, are refused by the preflight."""
+    from search.run import main
+
+    base = ["--name", "st", "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"trial.data.path={sms_subset}",
+            "--set", f"trial.model.name_or_path={tiny_model}", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    assert main(base + ["--set", "storage_path=s3q://bucket/x", "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("error: storage_path: s3q://bucket/x cannot be opened")
+    (tmp_path / "shared" / "st" / "tune").mkdir(parents=True)
+    assert main(base + ["--set", f"storage_path={tmp_path / 'shared'}", "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'shared' / 'st'} already holds a search")
+    assert main(base + ["--set", f"storage_path={tmp_path / 'shared'}", "--resume", "--dry-run"]) == 0
+
+
 # ------------------------------------------------------------------------------------- a real cluster
 
 
@@ -154,7 +168,11 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
     yield uri, d
     os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=10)
     log.close()
 
 
