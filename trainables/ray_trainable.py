@@ -132,7 +132,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
             name=f"train-{trial_id}",
             storage_path=storage_path,
             callbacks=[tune_report_callback(storage_path)],
-            failure_config=FailureConfig(max_failures=max_failures),
+            # Bounded retries for workers that die while training and for worker groups that die while starting
+            # (Ray retries the latter forever by default): a trial that keeps failing fails, visibly.
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
