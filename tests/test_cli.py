@@ -39,7 +39,7 @@ def test_dry_run_prints_config_space_and_plan(capsys):
     (["--set", "trial.data.oversample_minority=0.05", "--set", "space=spaces/classification.yaml"],
      None),
     (["--config", "nope.yaml"], "nope.yaml: config file not found"),
-    (["--set", "objective.metric=accuracy"], "objective.metric 'accuracy' is not one of"),
+    (["--set", "objective.metric=accuracy"], "objective.metric 'accuracy' is not reported by task 'classification'; use one of val_f1"),
     (["--resume", "--name", "never-ran"], "--resume: no search to resume"),
 ])
 def test_bad_input_is_one_clear_line(capsys, tmp_path, argv, message):
