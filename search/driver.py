@@ -48,7 +48,11 @@ def _start_ray(cfg: ExperimentConfig, plan: dict, verbose: bool) -> None:
         # one still prints its experiment boxes. search.progress.ProgressTable prints the trial table instead.
     env = {"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "warning"),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore" if not verbose else "default",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", **({"QLORA_VERBOSE": "1"} if verbose else {})}
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", **({"QLORA_VERBOSE": "1"} if verbose else {}),
+           # Ray Train gives a worker group 60 s to start, then fails the attempt. A worker that imports torch and
+           # transformers on a busy machine, or waits for the autoscaler to add a GPU node, can need minutes; plan
+           # resources already refuses a trial that can never fit, so waiting longer only costs time when busy.
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, runtime_env={"env_vars": env}, log_to_driver=verbose)
     else:
