@@ -57,7 +57,7 @@ def tune_dir(search_dir: Path) -> str | None:
     except Exception:  # no or an older config.yaml: Tune wrote next to summary.json
         pass
     local = search_dir / "tune"
-    return str(local) if local.is_dir() else None
+    return str(local.resolve()) if local.is_dir() else None  # Ray reads a relative path as a URI
 
 
 def trial_histories(search_dir: Path, metric: str) -> dict[str, list[dict[str, float]]]:
@@ -158,8 +158,9 @@ def build_study(summary: dict[str, Any], dists: dict[str, Any], histories: dict[
             ft = create_trial(state=TrialState.COMPLETE, value=float(t["value"]), params=params,
                               distributions={k: dists[k] for k in params}, user_attrs=attrs,
                               intermediate_values=inter)
-        else:
-            ft = create_trial(state=TrialState.FAIL, params=params, distributions={k: dists[k] for k in params},
+        else:  # an error, or cut short by Ctrl-C / SIGTERM (resumable): no objective value
+            state = TrialState.FAIL if t.get("status") == "ERROR" else TrialState.PRUNED
+            ft = create_trial(state=state, params=params, distributions={k: dists[k] for k in params},
                               user_attrs=attrs, intermediate_values=inter)
         study.add_trial(ft)
     return study
@@ -210,7 +211,8 @@ def plot_best_so_far(summary: dict, histories: dict[str, list[dict]], path: Path
     plt.close(fig)
 
 
-def _save_optuna_plot(fn, path: Path, title: str, unavailable: str | None = None, **kw) -> str | None:
+def _save_optuna_plot(fn, path: Path, title: str, unavailable: str | None = None, labels: dict | None = None,
+                      **kw) -> str | None:
     """Run an optuna.visualization.matplotlib function and save its figure. When it cannot be drawn (`unavailable`
     says why, or Optuna refuses), save a figure that says why instead, and return the reason."""
     import matplotlib.pyplot as plt
@@ -223,6 +225,9 @@ def _save_optuna_plot(fn, path: Path, title: str, unavailable: str | None = None
             warnings.simplefilter("ignore")
             ax = fn(**kw)
         fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        legend = ax.get_legend() if hasattr(ax, "get_legend") else None
+        for text in (legend.get_texts() if legend and labels else []):  # Optuna's "Trial3" -> our trial id
+            text.set_text(labels.get(text.get_text(), text.get_text()))
         fig.set_size_inches(9, 5)
         fig.suptitle(title)
     except Exception as err:  # optuna refuses e.g. importances with fewer than 2 complete trials
@@ -277,6 +282,7 @@ def write_report(search_dir: str | Path, log_to_mlflow: bool = True) -> dict[str
     notes["learning_curves.png"] = _save_optuna_plot(
         ovm.plot_intermediate_values, out / "learning_curves.png",
         f"search {summary['name']!r}: {metric} at each evaluation step", study=study,
+        labels={f"Trial{t.number}": f"trial {t.user_attrs['trial_id']}" for t in study.trials},
         unavailable=None if any(t.intermediate_values for t in study.trials) else
         "no per-step results (Ray Tune's trial directories of this search are gone)")
     write_trials_csv(summary, out / "trials.csv")

@@ -143,8 +143,8 @@ def test_report_command_regenerates_the_plots_of_a_finished_search(small_search)
     report = work / "runs" / "e2e" / "report"
     for p in report.iterdir():
         p.unlink()
-    proc = subprocess.run([sys.executable, "-m", "search.report", "e2e", "--output-dir", str(work / "runs")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "search.report", "e2e", "--output-dir", "runs"],  # relative
+                          cwd=work, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in PLOTS:
         assert_png(report / name)
