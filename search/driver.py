@@ -225,6 +225,26 @@ def test_metrics(adapter_dir: str) -> dict[str, float]:
     return task_test_metrics(adapter_dir)
 
 
+def release_leftover_placement_groups() -> int:
+    """Remove this job's placement groups still held after Tuner.fit() returned; returns how many.
+
+    Every trial has ended by then, so a placement group of this job still CREATED is a leak: Ray Train's cleaner did
+    not free the workers of a trial whose controller failed (seen when worker groups timed out under heavy load),
+    and the test evaluation that follows would wait forever for its CPU. Other jobs' groups are left alone."""
+    import ray
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    job = ray.get_runtime_context().get_job_id()
+    leftover = [pid for pid, pg in placement_group_table().items()
+                if pid.endswith(job) and pg.get("state") == "CREATED"]
+    for pid in leftover:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pid))))
+    if leftover:
+        log.warning("freed %d placement group(s) that ended trials still held", len(leftover))
+    return len(leftover)
+
+
 def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = False,
                verbose: bool = False) -> dict[str, Any]:
     import ray
@@ -266,6 +286,7 @@ def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = F
         stop.enter_tune()
         results = tuner.fit()
         stop.phase = "finish"
+        release_leftover_placement_groups()
         trials = collect_trials(results, cfg, state.trials if stop.requested else None)
         if stop.requested:
             cb.end_open_runs("KILLED")
