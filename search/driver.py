@@ -59,9 +59,24 @@ def _start_ray(cfg: ExperimentConfig, plan: dict, verbose: bool) -> None:
         # The dashboard must run: Ray Train's placement-group cleaner asks the state API (served by the dashboard)
         # whether a trial's Train controller is dead before it frees the trial's workers' resources. Without it,
         # every trial that Tune stops (ASHA) leaks its CPUs and later trials wait forever for workers.
+        # The cleaner finds the state API by address. With another Ray instance on this machine (a second search, a
+        # test's cluster) an address-less lookup fails ("Found multiple active Ray instances") and stopped trials'
+        # resources are never freed: give the dashboard a port of its own and tell every process where it is.
+        port = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
         ray.init(num_cpus=int(plan["cluster"]["CPU"]), num_gpus=int(plan["cluster"].get("GPU", 0)),
-                 include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, log_to_driver=verbose,
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 runtime_env={"env_vars": env}, log_to_driver=verbose,
                  logging_level=logging.INFO if verbose else logging.WARNING)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def git_commit() -> str:
