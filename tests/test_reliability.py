@@ -406,13 +406,16 @@ def test_second_signal_exits_at_once(tiny_model, sms_subset, tmp_path, searches)
 
 
 def loopback_check(driver_pid: int) -> dict:
-    """Listening addresses of the HTTP server the project starts and configures: Ray's dashboard (ports 8265 + retries)."""
+    """Listening addresses of the HTTP server the project starts and configures: Ray's dashboard, on the port the
+    driver chose for it (its `--port=` argument; a retry may take the next ports)."""
     out = {"dashboard": []}
     for p in [psutil.Process(driver_pid)] + psutil.Process(driver_pid).children(recursive=True):
         try:
-            if "dashboard/dashboard.py" in " ".join(p.cmdline()):
+            cmd = p.cmdline()
+            if "dashboard/dashboard.py" in " ".join(cmd):
+                port = int(next(a.split("=", 1)[1] for a in cmd if a.startswith("--port=")))
                 out["dashboard"] += [c.laddr.ip for c in p.net_connections("inet")
-                                     if c.status == psutil.CONN_LISTEN and 8265 <= c.laddr.port <= 8315]
+                                     if c.status == psutil.CONN_LISTEN and port <= c.laddr.port <= port + 50]
         except psutil.Error:
             continue
     return out
