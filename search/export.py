@@ -71,11 +71,8 @@ def merge_adapter(adapter_dir: Path, dst: Path) -> None:
     tok.save_pretrained(dst)
 
 
-def show_examples(out: Path, n: int):
-    """Load the export from disk and print `n` test predictions (classification) or TERSE/VERBOSE answers (style)."""
-    from trainables.tasks import load_for_inference
-
-    settings, tok, model = load_for_inference(out)
+def show_examples(settings, tok, model, n: int) -> None:
+    """Print `n` test predictions (classification) or TERSE/VERBOSE answers (style) of a loaded export."""
     if settings.task == "style":
         from trainables.style import TERSE, VERBOSE, Decoding, StyleEvaluator, StyleFormatter, load_style_splits
 
@@ -86,7 +83,7 @@ def show_examples(out: Path, n: int):
         for i, q in enumerate(items):
             print(f"  Q: {q.question[:90]}\n     TERSE   ({terse.lengths[i]:>2} tok) {terse.texts[i][:90]!r}  gold "
                   f"{q.golds[0]!r}\n     VERBOSE ({verbose.lengths[i]:>2} tok) {verbose.texts[i][:90]!r}")
-        return settings
+        return
     from trainables.data import ChatFormatter, load_splits
     from trainables.predict import Classifier
 
@@ -94,7 +91,6 @@ def show_examples(out: Path, n: int):
     test = load_splits(settings.data, seed=settings.seed).test[:n]
     for (text, gold), pred in zip(test, clf.predict([t for t, _ in test])):
         print(f"  [{pred:>6} | gold {gold:>6}] {text[:90]}")
-    return settings
 
 
 def main(argv=None) -> int:
@@ -108,10 +104,11 @@ def main(argv=None) -> int:
     print(f"exported trial {summary['best']['trial_id']} ({summary['objective']['metric']}="
           f"{summary['best']['value']:.4f}) to {out}")
 
-    from trainables.tasks import test_metrics
+    from trainables.tasks import evaluate_test, load_for_inference
 
-    settings = show_examples(out, args.examples)  # reloads what was written, not what is in memory
-    m = test_metrics(out)
+    settings, tok, model = load_for_inference(out)  # what was written, not what is in memory
+    show_examples(settings, tok, model, args.examples)
+    m = evaluate_test(settings, tok, model)
     best = summary["best"]
     if settings.task == "style":
         print(f"test token separation of the exported adapter: {m['test_separation']:.3f} "

@@ -55,9 +55,12 @@ def token_separation(verbose_lengths: list[int], terse_lengths: list[int]) -> fl
     TERSE answer F1 reported beside it shows such a model for what it is)."""
     if not verbose_lengths or not terse_lengths:
         raise ValueError("token_separation needs at least one VERBOSE and one TERSE generation")
-    mean_v = sum(verbose_lengths) / len(verbose_lengths)
-    mean_t = sum(terse_lengths) / len(terse_lengths)
-    return mean_v / max(mean_t, 1.0)
+    return separation_of_means(sum(verbose_lengths) / len(verbose_lengths), sum(terse_lengths) / len(terse_lengths))
+
+
+def separation_of_means(mean_verbose: float, mean_terse: float) -> float:
+    """token_separation from the two mean lengths (e.g. sums reduced across ranks)."""
+    return mean_verbose / max(mean_terse, 1.0)
 
 
 def separation_at_floor(separation: float, terse_f1: float, floor: float | None) -> tuple[float, bool]:

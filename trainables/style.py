@@ -10,6 +10,7 @@ Token separation is measured with one `Decoding` for both styles: greedy, the sa
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import random
@@ -90,16 +91,29 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
-def read_squad(path: Path, max_words: int) -> list[QA]:
-    """SQuAD v1.1 JSON: TERSE = the first reference answer, VERBOSE = its sentence; group = article title."""
+def squad_document(path: Path) -> dict:
+    """The parsed SQuAD JSON, read once per file version (pairs, paragraphs and the tiny corpus all come from it).
+    Callers must not modify it."""
+    stat = path.stat()
+    return _parse_squad(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _parse_squad(path: str, mtime_ns: int, size: int) -> dict:
     try:
-        with _open_text(path) as fh:
+        with _open_text(Path(path)) as fh:
             doc = json.load(fh)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not readable as SQuAD JSON ({err}); give a SQuAD v1.1 .json/.json.gz file "
                         f"or a JSONL of pairs with style.format=jsonl") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise DataError(f"{path}: no top-level 'data' list; this is not SQuAD v1.1 format")
+    return doc
+
+
+def read_squad(path: Path, max_words: int) -> list[QA]:
+    """SQuAD v1.1 JSON: TERSE = the first reference answer, VERBOSE = its sentence; group = article title."""
+    doc = squad_document(path)
     out = []
     for article in doc["data"]:
         title = str(article.get("title", ""))
@@ -123,8 +137,7 @@ def read_squad(path: Path, max_words: int) -> list[QA]:
 
 def read_squad_paragraphs(path: Path) -> dict[str, str]:
     """Question id -> whole paragraph, for style.context=paragraph."""
-    with _open_text(path) as fh:
-        doc = json.load(fh)
+    doc = squad_document(path)
     return {qa["id"]: p["context"] for a in doc["data"] for p in a["paragraphs"] for qa in p["qas"]}
 
 
@@ -422,8 +435,7 @@ class StyleEvaluator:
             sums = t.tolist()
         sum_v, sum_t, sum_em, sum_f1, n = sums
         mean_v, mean_t = sum_v / n, sum_t / n
-        # the same formula as metrics.token_separation, on the reduced sums
-        sep = mean_v / max(mean_t, 1.0)
+        sep = M.separation_of_means(mean_v, mean_t)
         f1 = sum_f1 / n
         objective, ok = M.separation_at_floor(sep, f1, self.floor)
         return {

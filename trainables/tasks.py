@@ -118,7 +118,11 @@ def load_for_inference(adapter_dir: str | Path) -> tuple[TrialSettings, Any, Any
 
 def test_metrics(adapter_dir: str | Path) -> dict[str, float]:
     """Held-out test metrics of the adapter in `adapter_dir` (reloaded from disk, never from memory)."""
-    settings, tok, model = load_for_inference(adapter_dir)
+    return evaluate_test(*load_for_inference(adapter_dir))
+
+
+def evaluate_test(settings: TrialSettings, tok, model) -> dict[str, float]:
+    """Held-out test metrics of a loaded adapter model (from `load_for_inference`)."""
     if settings.task == "style":
         from trainables.style import Decoding, StyleEvaluator, StyleFormatter, load_style_splits
 
