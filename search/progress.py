@@ -173,8 +173,6 @@ class ProgressTable(Callback):
         value = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if better(value, rec["best"], self.mode):
             rec["best"] = value
-        if better(value, self.best[0] if self.best else None, self.mode):
-            self.best = (value, trial.trial_id)
         self._changed(False)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -227,6 +225,12 @@ class ProgressTable(Callback):
         keys = self.param_keys or sorted({k for r in rows for k in r["params"]})
         names = short_names(keys)
         counts = {s: sum(r["status"] == s for r in rows) for s in ("running", "done", "stopped", "error")}
+        # The search's best is judged as the search picks its best adapter: by each trial's latest evaluation (the
+        # adapter it ends with), not by a peak the trial has since fallen from. The "best" column shows that peak.
+        self.best = None
+        for r in rows:
+            if r["status"] != "error" and better(r["value"], self.best[0] if self.best else None, self.mode):
+                self.best = (r["value"], r["trial_id"])
         best = (f"best so far: {self.metric}={fmt_metric(self.best[0])} (trial {self.best[1]}, marked *)"
                 if self.best else f"best so far: none yet ({self.metric}, {self.mode})")
         started = sum(r["status"] != "pending" for r in rows)
@@ -236,7 +240,7 @@ class ProgressTable(Callback):
         hidden = 0
         if len(rows) > self.max_rows:  # a long search: every active trial, then the best finished ones
             active = [r for r in rows if r["status"] in ("running", "pending", "paused")]
-            ended = ranked([{**r, "value": r["best"]} for r in rows if r not in active], self.mode)
+            ended = ranked([r for r in rows if r not in active], self.mode)
             keep = {r["trial_id"] for r in active + ended[:max(0, self.max_rows - len(active))]}
             hidden = len(rows) - len(keep)
             rows = [r for r in rows if r["trial_id"] in keep]

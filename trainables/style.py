@@ -1,6 +1,6 @@
 """Style control: TERSE/VERBOSE answer pairs, style tokens, and the token-separation evaluation.
 
-The same question is asked twice, once after `<STYLE_TERSE>` (target: the short answer span) and once after
+The same question is asked twice, once ending in `<STYLE_TERSE>` (target: the short answer span) and once ending in
 `<STYLE_VERBOSE>` (target: the context sentence that holds the answer). Pairs come from SQuAD v1.1 (split by article,
 so no paragraph is in two splits) or from a JSONL file of pairs.
 
@@ -263,10 +263,12 @@ class StyleFormatter(ChatTemplate):
 
     def user_text(self, q: QA, style: str, context: str | None = None) -> str:
         ctx = q.context if context is None else context
-        head = STYLE_TOKENS[style]
+        # The style token ends the user turn, a few tokens before the answer starts: a small model attends to it
+        # there more easily than across a long context that separates it from the answer.
+        tail = STYLE_TOKENS[style]
         if self.s.context != "none" and ctx:
-            return f"{head}\nContext: {ctx}\nQuestion: {q.question}"
-        return f"{head}\nQuestion: {q.question}"
+            return f"Context: {ctx}\nQuestion: {q.question}\n{tail}"
+        return f"Question: {q.question}\n{tail}"
 
     def prompt_ids(self, q: QA, style: str, budget: int | None = None) -> tuple[list[int], bool]:
         """Prompt ids within `budget` tokens (default max_length); the context is cut from its end first."""
