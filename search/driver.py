@@ -37,6 +37,22 @@ def resolve_model(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg.model_copy(update={"trial": trial})
 
 
+def prepare_data_cache(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Encode the search's data once, into the preprocessing cache its trials read (trainables/cache.py).
+
+    `trial.cache_dir` None means <model_cache>/data; '' turns the cache off (every trial tokenizes)."""
+    trial = cfg.trial
+    if trial.cache_dir is None:
+        trial = trial.with_values({"cache_dir": str(Path(cfg.model_cache).expanduser().resolve() / "data")})
+    if trial.cache_dir:
+        from trainables.tasks import prepare_data
+
+        info = prepare_data(trial)
+        what = f"encoded {info['inputs']} inputs" if info["encoded"] else f"{info['inputs']} inputs already encoded"
+        _say(f"data: {what} in {info['seconds']:.1f} s; trials read them from {info['cache_dir']}")
+    return cfg.model_copy(update={"trial": trial})
+
+
 def _start_ray(cfg: ExperimentConfig, plan: dict, verbose: bool) -> None:
     import ray
 
@@ -114,7 +130,8 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
                                cfg.resources.gpus_per_worker, tuple(cfg.resources.custom_per_worker.items()))
     trainable = tune.with_resources(
         tune.with_parameters(load_trainable(cfg.trainable), base=cfg.trial.model_dump(), resources=resources,
-                             storage_path=f"{root}/train", max_failures=cfg.max_failures),
+                             storage_path=f"{root}/train", max_failures=cfg.max_failures,
+                             objective=(cfg.objective.metric, cfg.objective.mode)),
         TRIAL_RESOURCES,
     )
     # Ray Tune's own status tables only with --verbose: search.progress.ProgressTable prints the compact one.
@@ -164,17 +181,24 @@ def load_trainable(spec: str):
                             f"trainables.ray_trainable:run_trial") from None
 
 
-def collect_trials(results, cfg: ExperimentConfig, interrupted: dict[str, tuple[str, dict]] | None = None
-                   ) -> list[dict[str, Any]]:
+# Where a trial's time went, as its worker reported it (cumulative, in its last result); see trainables/sft.py.
+WORKER_TIMING = ("worker_started_at", "imports_seconds", "data_seconds", "model_load_seconds", "eval_seconds_total",
+                 "checkpoint_seconds_total", "elapsed_seconds")
+
+
+def collect_trials(results, cfg: ExperimentConfig, interrupted: dict[str, tuple[str, dict]] | None = None,
+                   clock: "tracking.MlflowTrialCallback | None" = None) -> list[dict[str, Any]]:
     """One record per trial from Tune's ResultGrid: status, params, last objective value, steps, checkpoint.
 
     `interrupted`: after a stop, Tune's trial statuses from just before it ({trial_id: (status, config)}); a trial
-    that was RUNNING or PENDING then is INTERRUPTED (resumable), not done."""
+    that was RUNNING or PENDING then is INTERRUPTED (resumable), not done.
+    `clock`: the MLflow callback, which saw when each trial started and ended and its time in MLflow calls."""
     metric = cfg.objective.metric
     trials = []
     tune_trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
     for i, r in enumerate(results):
-        m = r.metrics or {}
+        last = r.metrics or {}
+        m = best_result(r, metric, cfg.objective.mode) or last  # the trial's best evaluation with a checkpoint
         trial = tune_trials[i] if len(tune_trials) == len(results) else None  # same order as the ResultGrid
         tid = (trial.trial_id if trial else None) or m.get("trial_id") or (r.path and Path(r.path).name)
         value = m.get(metric)
@@ -182,7 +206,7 @@ def collect_trials(results, cfg: ExperimentConfig, interrupted: dict[str, tuple[
         before, config = (interrupted or {}).get(tid, ("TERMINATED", {}))
         if status == "TERMINATED" and before not in ("TERMINATED", "ERROR"):
             status = "INTERRUPTED"
-        steps = int(m.get("step", 0) or 0)
+        steps = int(last.get("step", 0) or 0)
         # a trial whose last result fails the objective's constraint (the style task's TERSE F1 floor) keeps its
         # (negative) score for the searcher, but is marked and can never be the best
         below_floor = m.get(M.MEETS_FLOOR) == 0.0
@@ -194,12 +218,34 @@ def collect_trials(results, cfg: ExperimentConfig, interrupted: dict[str, tuple[
             "params": dict(r.config or (trial.config if trial else None) or config),
             "value": float(value) if value is not None and not r.error else None,
             "steps": steps,
+            "best_step": int(m.get("step", 0) or 0),
             "stopped_early": bool(status == "TERMINATED" and steps < cfg.trial.optim.max_steps),
             "error": str(r.error).splitlines()[0][:500] if r.error else None,
             "checkpoint": m.get("checkpoint_path"),
             "note": note,
+            "timing": {**{k: last[k] for k in WORKER_TIMING if isinstance(last.get(k), (int, float))},
+                       **(clock.timing(tid) if clock else {})},
         })
     return sorted(trials, key=lambda t: str(t["trial_id"]))
+
+
+def best_result(result, metric: str, mode: str) -> dict[str, Any] | None:
+    """The trial's best reported evaluation that came with a checkpoint (Train keeps the best ones: see
+    trainables/ray_trainable.py), as a metrics dict; None if its history cannot be read.
+
+    A trial is judged by, and exports, the best adapter it produced, not the one it ended with: an objective can peak
+    mid-trial and fall (the style task's separation does), as `load_best_model_at_end` does in HF's Trainer."""
+    df = getattr(result, "metrics_dataframe", None)
+    if df is None or metric not in df or "checkpoint_path" not in df:
+        return None
+    rows = df[df["checkpoint_path"].notna() & df[metric].notna()]
+    if not len(rows):
+        return None
+    row = rows.loc[rows[metric].idxmax() if mode == "max" else rows[metric].idxmin()].to_dict()
+    path = str(row["checkpoint_path"])
+    if "://" not in path and not Path(path).exists():  # deleted (a search from before best checkpoints were kept)
+        return None
+    return row
 
 
 def pick_best(trials: list[dict], mode: str) -> dict | None:
@@ -267,7 +313,7 @@ def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = F
     t0 = time.time()
     out = cfg.search_dir()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = resolve_model(cfg)
+    cfg = prepare_data_cache(resolve_model(cfg))
     c = tracking.client(cfg.mlflow.tracking_uri)
     exp_id = tracking.experiment_id(c, cfg.mlflow.experiment)
     parent = tracking.find_or_create_parent(c, exp_id, cfg.name, resume)
@@ -282,7 +328,8 @@ def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = F
             files={"experiment_config.yaml": dump_config(cfg), "space.yaml": Path(space.source).read_text()},
         )
     (out / "config.yaml").write_text(tracking.redact(dump_config(cfg)))
-    cb = tracking.MlflowTrialCallback(cfg.mlflow.tracking_uri, exp_id, parent, cfg.name)
+    cb = tracking.MlflowTrialCallback(cfg.mlflow.tracking_uri, exp_id, parent, cfg.name,
+                                      cfg.objective.metric, cfg.objective.mode)
     table = progress.ProgressTable(cfg.objective.metric, cfg.objective.mode, cfg.trial.optim.max_steps,
                                    cfg.num_trials, param_keys=list(space.params))
     status = "FAILED"
@@ -293,7 +340,9 @@ def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = F
         _say(f"ended {len(reaped)} Ray process(es) left running by an earlier, killed driver of this search")
     stop = resilience.Interrupt(on_hard_exit=lambda: _hard_exit(c, parent)).install()
     try:
+        t_ray = time.time()
         _start_ray(cfg, plan, verbose)
+        plan = {**plan, "ray_start_seconds": round(time.time() - t_ray, 3)}
         stop.install()  # again: ray.init replaced the SIGTERM handler
         procs.record()
         state = resilience.SearchState()  # keep last: Tune restores callback state by position
@@ -302,7 +351,7 @@ def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = F
         results = tuner.fit()
         stop.phase = "finish"
         release_leftover_placement_groups()
-        trials = collect_trials(results, cfg, state.trials if stop.requested else None)
+        trials = collect_trials(results, cfg, state.trials if stop.requested else None, clock=cb)
         if stop.requested:
             cb.end_open_runs("KILLED")
         best = pick_best(trials, cfg.objective.mode)
@@ -349,7 +398,8 @@ def finalize(cfg, c, exp_id, parent, trials, best, plan, wall, mlflow_seconds,
         adapter_dir = out / "best_adapter"
         tracking.copy_adapter(best["checkpoint"], adapter_dir)
         best_rec = {"trial_id": best["trial_id"], "value": best["value"], "params": best["params"],
-                    "adapter_dir": str(adapter_dir), "steps": best["steps"]}
+                    "adapter_dir": str(adapter_dir), "steps": best["steps"],
+                    "best_step": best.get("best_step")}
     elif best:
         adapter_dir = out / "best_adapter"
         tracking.copy_adapter(best["checkpoint"], adapter_dir)
@@ -364,17 +414,19 @@ def finalize(cfg, c, exp_id, parent, trials, best, plan, wall, mlflow_seconds,
                     + [_metric("best_" + k, v) for k, v in test.items()])
         best_rec = {"trial_id": best["trial_id"], "value": best["value"], "params": best["params"],
                     "adapter_dir": str(adapter_dir), "mlflow_run_id": run_id, "steps": best["steps"],
+                    "best_step": best.get("best_step"),
                     "model_version": version, **test}
     summary = {
         "name": cfg.name,
         "objective": {"metric": cfg.objective.metric, "mode": cfg.objective.mode},
         "best": best_rec,
-        "trials": [{k: t[k] for k in ("trial_id", "status", "params", "value", "steps", "stopped_early", "error",
-                                      "note")}
+        "trials": [{k: t.get(k) for k in ("trial_id", "status", "params", "value", "steps", "best_step",
+                                          "stopped_early", "error", "note", "timing")}
                    for t in trials],
         "mlflow": {"tracking_uri": tracking.redact(cfg.mlflow.tracking_uri), "experiment_id": exp_id,
                    "parent_run_id": parent},
         "wall_seconds": round(wall, 1),
+        "ray_start_seconds": plan.get("ray_start_seconds"),
         "mlflow_seconds": round(mlflow_seconds, 2),
         "interrupted": interrupted,
     }

@@ -225,12 +225,12 @@ class ProgressTable(Callback):
         keys = self.param_keys or sorted({k for r in rows for k in r["params"]})
         names = short_names(keys)
         counts = {s: sum(r["status"] == s for r in rows) for s in ("running", "done", "stopped", "error")}
-        # The search's best is judged as the search picks its best adapter: by each trial's latest evaluation (the
-        # adapter it ends with), not by a peak the trial has since fallen from. The "best" column shows that peak.
+        # The search's best is judged as the search picks its best adapter: by each trial's best evaluation so far
+        # (the "best" column), whose checkpoint Train keeps, even where the trial has fallen from it since.
         self.best = None
         for r in rows:
-            if r["status"] != "error" and better(r["value"], self.best[0] if self.best else None, self.mode):
-                self.best = (r["value"], r["trial_id"])
+            if r["status"] != "error" and better(r["best"], self.best[0] if self.best else None, self.mode):
+                self.best = (r["best"], r["trial_id"])
         best = (f"best so far: {self.metric}={fmt_metric(self.best[0])} (trial {self.best[1]}, marked *)"
                 if self.best else f"best so far: none yet ({self.metric}, {self.mode})")
         started = sum(r["status"] != "pending" for r in rows)
@@ -240,7 +240,7 @@ class ProgressTable(Callback):
         hidden = 0
         if len(rows) > self.max_rows:  # a long search: every active trial, then the best finished ones
             active = [r for r in rows if r["status"] in ("running", "pending", "paused")]
-            ended = ranked([r for r in rows if r not in active], self.mode)
+            ended = ranked([{**r, "value": r["best"]} for r in rows if r not in active], self.mode)
             keep = {r["trial_id"] for r in active + ended[:max(0, self.max_rows - len(active))]}
             hidden = len(rows) - len(keep)
             rows = [r for r in rows if r["trial_id"] in keep]
@@ -357,8 +357,10 @@ def format_summary(summary: dict[str, Any], summary_path: str | Path, top: int =
     if b:
         tests = ", ".join(f"{k}={fmt_metric(v) if isinstance(v, float) else v}" for k, v in b.items()
                           if k.startswith("test_"))
-        lines.append(f"best:         trial {b['trial_id']}, {metric}={fmt_metric(b['value'])} after {b.get('steps')} "
-                     "steps")
+        at = b.get("best_step") or b.get("steps")
+        trained = f" of {b.get('steps')} trained" if b.get("steps") not in (None, at) else ""
+        lines.append(f"best:         trial {b['trial_id']}, {metric}={fmt_metric(b['value'])} at step {at}{trained} "
+                     "(its best checkpoint)")
         if tests:
             lines.append(f"  test split: {tests}")
         elif stopped:

@@ -96,17 +96,34 @@ def find_child_run(c, exp_id: str, parent: str, trial_id: str) -> str | None:
 class MlflowTrialCallback(Callback):
     """Tune callback: child run per trial, a batch of metrics per result, the adapter as an artifact at the end."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, search_name: str):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, search_name: str,
+                 metric: str | None = None, mode: str = "max"):
         self.uri = tracking_uri
+        self.metric, self.mode = metric, mode  # the objective: the adapter logged is the trial's best checkpoint
         self.exp_id = experiment_id
         self.parent = parent_run_id
         self.search = search_name
         self.runs: dict[str, str] = {}
         self.open: set[str] = set()  # child runs this callback set RUNNING and has not ended yet
         self.last_step: dict[str, int] = {}  # per trial: the last step logged, also by an earlier driver
-        self.last_checkpoint: dict[str, str] = {}
+        self.last_checkpoint: dict[str, str] = {}  # per trial: its best checkpoint so far (the last without metric)
+        self.best_value: dict[str, float] = {}
         self.seconds = 0.0  # time spent in MLflow calls, for the overhead report
+        self.trial_seconds: dict[str, float] = {}  # the same, per trial
+        self.started: dict[str, float] = {}  # per trial: when Tune started it (wall clock), and when it ended
+        self.ended: dict[str, float] = {}
         self._c = None
+
+    def _spent(self, tid: str, since: float) -> None:
+        dt = time.time() - since
+        self.seconds += dt
+        self.trial_seconds[tid] = self.trial_seconds.get(tid, 0.0) + dt
+
+    def timing(self, tid: str) -> dict[str, float]:
+        """What the driver saw of one trial: start and end (epoch seconds) and its time in MLflow calls."""
+        out = {"started_at": self.started.get(tid), "ended_at": self.ended.get(tid),
+               "mlflow_seconds": round(self.trial_seconds.get(tid, 0.0), 3)}
+        return {k: v for k, v in out.items() if v is not None}
 
     @property
     def c(self):
@@ -135,7 +152,7 @@ class MlflowTrialCallback(Callback):
             self.c.log_batch(run_id, params=[Param(k, _param_str(v)) for k, v in trial.config.items()])
         self.runs[tid] = run_id
         self.open.add(run_id)
-        self.seconds += time.time() - t
+        self._spent(tid, t)
         return run_id
 
     def end_open_runs(self, status: str) -> None:
@@ -145,6 +162,7 @@ class MlflowTrialCallback(Callback):
         self.open.clear()
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, time.time())
         self.child_run(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -160,11 +178,23 @@ class MlflowTrialCallback(Callback):
         if step > self.last_step.get(trial.trial_id, -1):
             self.c.log_batch(run_id, metrics=metrics)
             self.last_step[trial.trial_id] = step
-        if result.get("checkpoint_path"):
+        if result.get("checkpoint_path") and self._improves(trial.trial_id, result):
             self.last_checkpoint[trial.trial_id] = result["checkpoint_path"]
-        self.seconds += time.time() - t
+        self._spent(trial.trial_id, t)
+
+    def _improves(self, tid: str, result: dict) -> bool:
+        """Whether this result is the trial's best evaluation so far (always, with no objective metric set)."""
+        value = result.get(self.metric) if self.metric else None
+        if not isinstance(value, (int, float)) or value != value:
+            return self.metric is None or tid not in self.last_checkpoint
+        best = self.best_value.get(tid)
+        if best is None or (value > best if self.mode == "max" else value < best):
+            self.best_value[tid] = value
+            return True
+        return False
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = time.time()
         run_id = self.child_run(trial)
         t = time.time()
         ckpt = self.last_checkpoint.get(trial.trial_id)
@@ -172,9 +202,10 @@ class MlflowTrialCallback(Callback):
             log_adapter(self.c, run_id, ckpt)
         self.c.set_terminated(run_id, "FINISHED")
         self.open.discard(run_id)
-        self.seconds += time.time() - t
+        self._spent(trial.trial_id, t)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = time.time()
         run_id = self.child_run(trial)
         err = str(getattr(trial, "error_msg", None) or "") or _error_text(trial)
         self.c.set_tag(run_id, "qlora.error", redact(err)[:4000])

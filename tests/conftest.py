@@ -77,7 +77,7 @@ def small_search(tiny_model, sms_subset, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("search")
     argv = [sys.executable, "-m", "search.run", "--name", "e2e",
-            "--set", f"output_dir={work / 'runs'}",
+            "--set", f"output_dir={work / 'runs'}", "--set", f"model_cache={work / '.cache'}",
             "--set", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
             "--set", f"space={ROOT / 'spaces' / 'classification.yaml'}",
             "--set", f"trial.model.name_or_path={tiny_model}",
@@ -89,3 +89,24 @@ def small_search(tiny_model, sms_subset, tmp_path_factory):
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work, proc.stdout
+
+
+@pytest.fixture
+def style_settings(tiny_model, squad_subset):
+    """Trial settings for a few-step style run on the tiny model and the SQuAD subset."""
+    from trainables.settings import load_trial_settings
+
+    return load_trial_settings({
+        "task": "style",
+        "model.name_or_path": str(tiny_model),
+        "style.path": str(squad_subset),
+        "style.max_train_questions": 64,
+        "style.eval_questions": 8,
+        "style.max_new_tokens": 12,
+        "style.max_length": 160,
+        "optim.max_steps": 4,
+        "optim.batch_size": 8,
+        "optim.learning_rate": 2e-2,
+        "eval.every_steps": 2,
+        "eval.batch_size": 8,
+    })

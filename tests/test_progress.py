@@ -55,8 +55,8 @@ def test_progress_table_shows_status_steps_objective_best_so_far_and_params():
     for trial, step, f1 in [(a, 100, 0.61), (b, 100, 0.0), (a, 200, 0.74), (b, 200, 0.72)]:
         trial.last_result = {"step": step, "val_f1": f1}
         t.on_trial_result(2, trials, trial, trial.last_result)
-    # a's objective fell at its last evaluation: its own best stays 0.74, but the search's best so far is judged as the
-    # search picks its adapter, by each trial's latest evaluation, so b (0.72) leads a (0.70)
+    # a's objective fell at its last evaluation: its own best stays 0.74, and so does the search's best so far, which
+    # is judged as the search picks its adapter: by each trial's best checkpoint (a's 0.74 beats b's 0.72)
     a.last_result = {"step": 300, "val_f1": 0.70}
     t.on_trial_result(3, trials, a, a.last_result)
     a.status = "TERMINATED"
@@ -68,14 +68,14 @@ def test_progress_table_shows_status_steps_objective_best_so_far_and_params():
     text = printed[-1]
     lines = text.splitlines()
     assert lines[0].startswith("[") and "trials 2/4 started: 0 running, 1 done, 1 stopped early, 0 failed" in lines[0]
-    assert lines[1] == "best so far: val_f1=0.7200 (trial bbbb0002, marked *)"
+    assert lines[1] == "best so far: val_f1=0.7400 (trial aaaa0001, marked *)"
     assert lines[2].split() == ["trial", "status", "steps", "val_f1", "best", "time", "r", "alpha/r", "lr",
                                 "dropout", "rslora", "oversample"]
     row_a = next(line for line in lines if line.startswith("aaaa0001"))
-    assert row_a.split()[:5] == ["aaaa0001", "done", "300/300", "0.7000", "0.7400"]
+    assert row_a.split()[:5] == ["aaaa0001*", "done", "300/300", "0.7000", "0.7400"]
     assert row_a.split()[-6:] == ["16", "2", "0.005", "0.05", "no", "0.3"]
     row_b = next(line for line in lines if line.startswith("bbbb0002"))
-    assert row_b.split()[:5] == ["bbbb0002*", "stopped", "200/300", "0.7200", "0.7200"]
+    assert row_b.split()[:5] == ["bbbb0002", "stopped", "200/300", "0.7200", "0.7200"]
     row_c = next(line for line in lines if line.startswith("cccc0003"))
     assert row_c.split()[:6] == ["cccc0003", "pending", "0/300", "-", "-", "-"]
     assert "columns:" not in text  # the legend is printed once, with the first table
@@ -177,7 +177,7 @@ def test_summary_ranks_trials_and_says_what_to_run_next(tmp_path):
     assert ranked == [["1", "aaaa0001*", "0.7400", "300", "no"], ["2", "dddd0004", "0.5500", "300", "no"],
                       ["3", "bbbb0002", "0.1200", "100", "yes"], ["4", "cccc0003", "-", "0", "error"]]
     assert "trial cccc0003 failed: RuntimeError: CUDA out of memory" in text
-    assert "best:         trial aaaa0001, val_f1=0.7400 after 300 steps" in text
+    assert "best:         trial aaaa0001, val_f1=0.7400 at step 300 (its best checkpoint)" in text
     assert "test_f1=0.7700" in text and "registered: MLflow model version 3 (alias 'champion')" in text
     assert "adapter:    /data/runs/sms-spam/best_adapter" in text
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000" in text

@@ -28,6 +28,17 @@ def test_summary_lists_every_trial_and_the_best(finished_search):
     best = summary["best"]
     assert best["value"] == max(t["value"] for t in summary["trials"])
     assert (Path(best["adapter_dir"]) / "adapter_model.safetensors").exists()
+    # each trial is judged by its best evaluation (val_f1 at step 3 or 6), and the exported adapter is that checkpoint
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    for t in summary["trials"]:
+        run = c.search_runs([summary["mlflow"]["experiment_id"]], f"tags.`qlora.trial_id` = '{t['trial_id']}'")[0]
+        history = {m.step: m.value for m in c.get_metric_history(run.info.run_id, "val_f1")}
+        assert t["value"] == pytest.approx(max(history.values()))
+        assert history[t["best_step"]] == pytest.approx(t["value"])
+    saved = json.loads((Path(best["adapter_dir"]) / "metrics.json").read_text())
+    assert saved["step"] == best["best_step"] and saved["val_f1"] == pytest.approx(best["value"])
     # the space's known-good start point was evaluated
     assert any(t["params"].get("lora.r") == 16 and t["params"].get("optim.learning_rate") == 5e-3
                for t in summary["trials"])

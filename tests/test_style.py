@@ -13,24 +13,6 @@ from trainables.style import (QA, STYLE_TOKENS, TERSE, VERBOSE, Decoding, Genera
                               StyleFormatter, add_style_tokens, answer_sentence, load_style_splits, separation)
 
 
-@pytest.fixture
-def style_settings(tiny_model, squad_subset):
-    return load_trial_settings({
-        "task": "style",
-        "model.name_or_path": str(tiny_model),
-        "style.path": str(squad_subset),
-        "style.max_train_questions": 64,
-        "style.eval_questions": 8,
-        "style.max_new_tokens": 12,
-        "style.max_length": 160,
-        "optim.max_steps": 4,
-        "optim.batch_size": 8,
-        "optim.learning_rate": 2e-2,
-        "eval.every_steps": 2,
-        "eval.batch_size": 8,
-    })
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics on constructed generations.
 

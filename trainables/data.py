@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainables.cache import Memo, digest, memo_for, tokenizer_identity
 from trainables.settings import DataSettings, SettingsError, project_root
 
 log = logging.getLogger(__name__)
@@ -234,6 +235,20 @@ class ChatTemplate:
         self.tok = tokenizer
         self.system_prompt = system_prompt
         self.max_length = max_length
+        self.memo = Memo(None)  # token ids of inputs already encoded; `use_cache` shares them through a directory
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything besides an input itself that decides its token ids (subclasses add their options)."""
+        return {"class": type(self).__name__, "tokenizer": tokenizer_identity(self.tok),
+                "system_prompt": self.system_prompt, "max_length": self.max_length}
+
+    def use_cache(self, cache_dir: str | None) -> "ChatTemplate":
+        """Read (and later `save_cache`) encoded inputs under `cache_dir` (trainables/cache.py)."""
+        self.memo = memo_for(cache_dir, self.fingerprint())
+        return self
+
+    def save_cache(self) -> bool:
+        return self.memo.save()
 
     def messages(self, text: str) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -273,8 +288,14 @@ class ChatFormatter(ChatTemplate):
                 f"answer take {self._overhead} tokens; raise data.max_length"
             )
 
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "label_map": self.s.label_map}
+
     def prompt_ids(self, text: str) -> tuple[list[int], bool]:
         """Token ids of the prompt for `text`, the message cut so the longest answer still fits. (ids, truncated)."""
+        return self.memo.get(digest("prompt", text), lambda: self._encode_prompt(text))
+
+    def _encode_prompt(self, text: str) -> tuple[list[int], bool]:
         ids = self._prompt_ids(text)
         budget = self.max_length - max(len(v) for v in self.completion_ids.values())
         if len(ids) <= budget:

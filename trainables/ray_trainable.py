@@ -36,17 +36,22 @@ class TrialResources:
 
 def train_worker(config: dict[str, Any], on_end=None) -> None:
     """Ray Train worker loop: typed settings in, `ray.train.report` out."""
+    import time
+
+    entered = time.time()
     import ray.train
     from ray.train import Checkpoint
 
-    from trainables.sft import train
+    from trainables.sft import train  # torch, transformers, peft, trl, datasets
+    # where a trial's fixed cost goes (the driver adds when Tune started and ended the trial): see bench/README.md
+    timing = {"worker_started_at": round(entered, 3), "imports_seconds": round(time.time() - entered, 3)}
 
     settings = TrialSettings.model_validate(config["settings"])
     ctx = ray.train.get_context()
     node = {"node_ip": socket.gethostbyname(socket.gethostname()), "node_id": _node_id(), "pid": os.getpid()}
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        metrics = {**metrics, "world_size": ctx.get_world_size(), "node_id": node["node_id"]}
+        metrics = {**metrics, **timing, "world_size": ctx.get_world_size(), "node_id": node["node_id"]}
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -111,8 +116,11 @@ def tune_report_callback(storage_path: str):
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialResources,
-              storage_path: str, max_failures: int = 2) -> None:
-    """Tune function trainable: one trial = one TorchTrainer.fit() with the sampled values applied to `base`."""
+              storage_path: str, max_failures: int = 2, objective: tuple[str, str] | None = None) -> None:
+    """Tune function trainable: one trial = one TorchTrainer.fit() with the sampled values applied to `base`.
+
+    `objective` (metric, mode): Train keeps the trial's 2 best checkpoints by it, besides its latest (to resume
+    from), so the search can export the best adapter a trial produced."""
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -135,7 +143,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
             # Bounded retries for workers that die while training and for worker groups that die while starting
             # (Ray retries the latter forever by default): a trial that keeps failing fails, visibly.
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=objective[0] if objective else None,
+                checkpoint_score_order=objective[1] if objective else "max"),
         ),
     )
     trainer.fit()

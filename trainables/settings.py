@@ -136,6 +136,8 @@ class TrialSettings(_Strict):
     style: StyleSettings = StyleSettings()
     seed: int = 0
     output_dir: str | None = Field(None, description="Where the trainer writes scratch files (None: a temp dir).")
+    cache_dir: str | None = Field(None, description="Preprocessing cache: token ids encoded once and shared by "
+                                  "trials (trainables/cache.py). None: the search sets <model_cache>/data; '': off.")
 
     def with_values(self, values: dict[str, Any]) -> "TrialSettings":
         """Return a copy with dotted keys (`lora.r`) replaced, validated again."""

@@ -85,12 +85,13 @@ def sft_trainer_class(trainable_tokens: bool):
 
 
 def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = None,
-          on_end: Callable[[Any], None] | None = None) -> dict[str, Any]:
+          on_end: Callable[[Any], None] | None = None, checkpoints: bool = True) -> dict[str, Any]:
     """Fine-tune LoRA adapters on a (4-bit) base with TRL's SFTTrainer; returns the last metrics and data stats.
 
     `checkpoint_dir`: a checkpoint written by an earlier report of this trial; training resumes from it (adapter,
     optimizer, scheduler and step), so a retried trial continues its curve instead of starting over.
     `on_end`: called with the trained PEFT model before it is released (to inspect or save it).
+    `checkpoints=False`: report metrics only (checkpoint_dir None), e.g. for a bare benchmark loop.
     """
     import torch
     from datasets import Dataset
@@ -107,6 +108,7 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
     t_model = time.time() - t0 - t_data
     evaluate = task.evaluator(model)
     last: dict[str, Any] = {}
+    spent = {"eval": 0.0, "checkpoint": 0.0}  # seconds so far in evaluations and in checkpoints (save + report)
 
     class ReportCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -116,10 +118,12 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             t_eval = time.time()
             losses = [h["loss"] for h in state.log_history if "loss" in h]
+            scores = evaluate()
+            spent["eval"] += time.time() - t_eval + (metrics or {}).get("eval_runtime", 0.0)
             out = {
                 M.STEP: state.global_step,
                 "epoch": round(state.epoch or 0.0, 4),
-                **evaluate(),
+                **scores,
                 M.EVAL_LOSS: (metrics or {}).get("eval_loss", float("nan")),
                 "train_loss": losses[-1] if losses else float("nan"),
                 "learning_rate": next((h["learning_rate"] for h in reversed(state.log_history)
@@ -127,19 +131,22 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
                 "eval_seconds": round(time.time() - t_eval, 3),
                 "elapsed_seconds": round(time.time() - t0, 3),
                 "train_tokens": state.num_input_tokens_seen,
+                "data_seconds": round(t_data, 3), "model_load_seconds": round(t_model, 3),
+                "eval_seconds_total": round(spent["eval"], 3), "checkpoint_seconds_total": round(spent["checkpoint"], 3),
             }
             if state.global_step == s.eval.every_steps or state.global_step >= state.max_steps:
-                out.update({"data_seconds": round(t_data, 3), "model_load_seconds": round(t_model, 3)})
                 out.update(task.report_stats())
             last.clear()
             last.update(out)
-            if args.process_index == 0:
+            t_ckpt = time.time()
+            if args.process_index == 0 and checkpoints:
                 with tempfile.TemporaryDirectory(prefix="qlora-ckpt-") as tmp:
                     save_adapter(model, tokenizer, s, tmp, out)
                     save_train_state(trainer, tmp)
                     report(out, tmp)
             else:
                 report(out, None)
+            spent["checkpoint"] += time.time() - t_ckpt
 
     train_ds = Dataset.from_dict(task.train_cols)
     val_ds = Dataset.from_dict(task.val_cols)

@@ -39,8 +39,9 @@ def _latest(run_dir: Path) -> Path | None:
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources=None, storage_path: str,
-              max_failures: int = 2) -> None:
-    """Tune function trainable with `run_trial`'s signature (resources and max_failures are accepted, unused)."""
+              max_failures: int = 2, objective=None) -> None:
+    """Tune function trainable with `run_trial`'s signature (resources, max_failures and objective are accepted,
+    unused: every checkpoint is kept)."""
     import numpy as np
     import ray.tune
     from safetensors.numpy import save_file

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from trainables import metrics as M
+from trainables.cache import digest
 from trainables.data import ChatTemplate, DataError, length_stats, resolve_path
 from trainables.settings import StyleSettings
 
@@ -270,9 +271,19 @@ class StyleFormatter(ChatTemplate):
             return f"Context: {ctx}\nQuestion: {q.question}\n{tail}"
         return f"Question: {q.question}\n{tail}"
 
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "context": self.s.context}
+
     def prompt_ids(self, q: QA, style: str, budget: int | None = None) -> tuple[list[int], bool]:
         """Prompt ids within `budget` tokens (default max_length); the context is cut from its end first."""
         budget = budget or self.max_length
+        return self.memo.get(digest("prompt", q.question, q.context, style, budget),
+                             lambda: self._encode_prompt(q, style, budget))
+
+    def target_ids(self, target: str) -> list[int]:
+        return self.memo.get(digest("completion", target), lambda: (self._completion_ids(target), False))[0]
+
+    def _encode_prompt(self, q: QA, style: str, budget: int) -> tuple[list[int], bool]:
         ids = self._prompt_ids(self.user_text(q, style))
         if len(ids) <= budget:
             return ids, False
@@ -296,7 +307,7 @@ class StyleFormatter(ChatTemplate):
         cut = {TERSE: 0, VERBOSE: 0}
         for q in items:
             for style in (TERSE,) * terse_repeats + (VERBOSE,):
-                c = self._completion_ids(q.target(style))
+                c = self.target_ids(q.target(style))
                 if len(c) > self.max_length // 2:  # an over-long target keeps its head and the end-of-turn token
                     c = c[: self.max_length // 2 - 1] + c[-1:]
                     cut[style] += 1

@@ -41,9 +41,10 @@ class ClassificationTask:
 
         self.s = s
         self.splits = load_splits(s.data, seed=s.seed)
-        self.fmt = ChatFormatter(tokenizer, s.data)
+        self.fmt = ChatFormatter(tokenizer, s.data).use_cache(s.cache_dir)
         self.train_cols, train_len = self.fmt.encode(self.splits.train)
         self.val_cols, val_len = self.fmt.encode(self.splits.val[: s.eval.max_examples])
+        self.fmt.save_cache()
         self.stats = {"counts": self.splits.counts, "lengths": {"train": train_len, "val": val_len}}
 
     def report_stats(self) -> dict[str, float]:
@@ -76,10 +77,11 @@ class StyleTask:
         self.new_tokens = list(STYLE_TOKENS.values())
         add_style_tokens(tokenizer)
         self.splits = load_style_splits(s.style)
-        self.fmt = StyleFormatter(tokenizer, s.style)
+        self.fmt = StyleFormatter(tokenizer, s.style).use_cache(s.cache_dir)
         self.train_cols, train_len = self.fmt.encode(self.splits.train, s.style.terse_repeats)
         self.val_items = self.splits.val[: s.style.eval_questions]
         self.val_cols, val_len = self.fmt.encode(self.val_items)
+        self.fmt.save_cache()
         self.stats = {"counts": self.splits.counts, "lengths": {"train": train_len, "val": val_len}}
 
     def report_stats(self) -> dict[str, float]:
@@ -96,8 +98,23 @@ class StyleTask:
 TASKS = {"classification": ClassificationTask, "style": StyleTask}
 
 
-def build_task(s: TrialSettings, tokenizer):
-    return TASKS[s.task](s, tokenizer)
+def build_task(s: TrialSettings, tokenizer, cache: bool = True):
+    """The task's data, encoded. `cache=False` ignores the preprocessing cache (encodes everything here)."""
+    return TASKS[s.task](s if cache else s.model_copy(update={"cache_dir": None}), tokenizer)
+
+
+def prepare_data(s: TrialSettings) -> dict[str, Any]:
+    """Encode a search's data once into the preprocessing cache (`s.cache_dir`), before its trials start.
+
+    Trials then read the token ids instead of tokenizing again. Returns what was done, for the driver to print."""
+    import time
+
+    from trainables.model import load_tokenizer
+
+    t = time.time()
+    task = build_task(s, load_tokenizer(s.model))
+    return {"seconds": round(time.time() - t, 3), "inputs": len(task.fmt.memo.table),
+            "encoded": task.fmt.memo.loaded == 0, "cache_dir": s.cache_dir}
 
 
 def objective_metrics(task: str) -> tuple[str, ...]:

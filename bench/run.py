@@ -1,0 +1,440 @@
+"""The performance benchmark: the search against its plain alternatives, in one run (see bench/README.md).
+
+    python -m bench.run                      # about 30 minutes on 2 CPUs; writes bench/results/<time>/
+    python -m bench.run --only p1 --out /tmp/b
+
+Every part runs the real path: `python -m search.run` in its own process (local Ray, TorchTrainer trials, the tiny
+Qwen3-architecture model in 4-bit + LoRA, the bundled SMS Spam data, MLflow in a sqlite store of the benchmark's own),
+and the bare loop (`bench.bare`) in its own process.
+
+  P1  trial overhead   a 1-trial search's trial wall time / the identical SFT loop run bare, and where it goes
+  P2  search speed     TPE + ASHA vs random search without early stopping, same trials and concurrency, per seed:
+                       time to reach within 1% of the best objective either found, and the ratio
+  P3  early stopping   steps run / steps had every trial run to the end; was the best trial ever stopped early
+  P4  data preparation what a trial spends getting its tokenized data / the one-time preparation
+  P5  tracking         time in MLflow calls / search wall time
+
+report.json holds every figure, report.md the tables and the plots (PNG) beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = "configs/sms_spam.yaml"
+SPACE = "bench/space.yaml"  # the default space without its warm-start point: both strategies start cold
+TARGETS = {"p1": ("<=", 1.3), "p2": (">=", 3.0), "p3": ("<=", 0.35), "p4": ("<=", 0.05), "p5": ("<=", 0.01)}
+
+
+def _say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running searches and the bare loop.
+
+
+class Bench:
+    def __init__(self, out: Path, args: argparse.Namespace):
+        self.out = out
+        self.args = args
+        self.mlflow = f"sqlite:///{out / 'mlflow.db'}"
+
+    def sets(self, steps: int, every: int) -> list[str]:
+        return ["--set", f"trial.optim.max_steps={steps}", "--set", f"trial.eval.every_steps={every}",
+                "--set", f"trial.eval.max_examples={self.args.eval_examples}",
+                "--set", f"output_dir={self.out / 'runs'}", "--set", f"mlflow.tracking_uri={self.mlflow}",
+                "--set", f"model_cache={ROOT / '.cache'}"]
+
+    def search(self, name: str, extra: list[str], steps: int, every: int) -> dict[str, Any]:
+        """Run `python -m search.run` in its own process; its summary.json plus the command's wall time."""
+        cmd = [sys.executable, "-m", "search.run", "--config", CONFIG, "--name", name, *self.sets(steps, every), *extra]
+        log = self.out / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        t = time.time()
+        with open(log, "w") as fh:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
+        wall = time.time() - t
+        summary_path = self.out / "runs" / name / "summary.json"
+        if rc != 0 or not summary_path.is_file():
+            raise RuntimeError(f"search {name} failed (exit {rc}); see {log}")
+        summary = json.loads(summary_path.read_text())
+        summary["command_seconds"] = round(wall, 2)
+        summary["started_at"] = t
+        return summary
+
+    def bare(self, settings: dict[str, Any], name: str) -> dict[str, Any]:
+        path = self.out / "logs" / f"{name}.settings.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings))
+        result = self.out / "logs" / f"{name}.json"
+        t = time.time()
+        with open(self.out / "logs" / f"{name}.log", "w") as fh:
+            rc = subprocess.run([sys.executable, "-m", "bench.bare", str(path), str(result)], cwd=ROOT,
+                                stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "TRANSFORMERS_VERBOSITY":
+                                                                           "error", "PYTHONWARNINGS": "ignore"}
+                                ).returncode
+        wall = time.time() - t
+        if rc != 0:
+            raise RuntimeError(f"bare loop failed (exit {rc}); see {self.out / 'logs' / (name + '.log')}")
+        out = json.loads(result.read_text())
+        out["wall_seconds"] = round(wall, 2)
+        return out
+
+
+def trial_settings(steps: int, every: int, eval_examples: int) -> dict[str, Any]:
+    """The settings of the search's first trial (the space's warm-start point) with the tiny model resolved."""
+    from search.config import load_config
+    from search.driver import resolve_model
+    from search.space import load_space
+    from trainables.data import resolve_path
+
+    cfg = load_config(CONFIG, [f"trial.optim.max_steps={steps}", f"trial.eval.every_steps={every}",
+                               f"trial.eval.max_examples={eval_examples}", f"model_cache={ROOT / '.cache'}"])
+    cfg = resolve_model(cfg)
+    point = load_space(resolve_path(cfg.space)).points_to_evaluate[0]
+    return cfg.trial.with_values(point).model_dump()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# P1: trial overhead.
+
+
+def p1(b: Bench) -> dict[str, Any]:
+    steps, every = b.args.p1_steps, b.args.p1_steps // 3
+    _say(f"P1: bare loop, {steps} steps")
+    bare = b.bare(trial_settings(steps, every, b.args.eval_examples), "p1-bare")
+    _say(f"P1: bare loop took {bare['wall_seconds']:.1f} s; now the same trial through search.run")
+    s = b.search("p1-search", ["--set", "num_trials=1", "--set", "searcher.algorithm=random"], steps, every)
+    t = s["trials"][0]
+    timing = t.get("timing") or {}
+    trial_wall = timing["ended_at"] - timing["started_at"]
+    breakdown = trial_breakdown(timing, trial_wall)
+    bare_breakdown = {
+        "python start": bare["started_at"] - (bare["ended_at"] - bare["wall_seconds"]),
+        "imports": bare["imports_seconds"], "data preparation": bare["data_seconds"],
+        "model load + 4-bit": bare["model_load_seconds"], "evaluation": bare["eval_seconds_total"],
+        "training": bare["elapsed_seconds"] - bare["data_seconds"] - bare["model_load_seconds"]
+        - bare["eval_seconds_total"],
+    }
+    bare_breakdown["exit"] = bare["wall_seconds"] - sum(bare_breakdown.values())
+    return {
+        "steps": steps, "bare_seconds": bare["wall_seconds"], "trial_seconds": round(trial_wall, 2),
+        "ratio": round(trial_wall / bare["wall_seconds"], 3),
+        "search_command_seconds": s["command_seconds"], "search_wall_seconds": s["wall_seconds"],
+        "ratio_whole_command": round(s["command_seconds"] / bare["wall_seconds"], 3),
+        "ray_start_seconds": s.get("ray_start_seconds"),
+        "trial_breakdown": {k: round(v, 2) for k, v in breakdown.items()},
+        "bare_breakdown": {k: round(v, 2) for k, v in bare_breakdown.items()},
+        "bare_objective": bare["objective"].get("val_f1"), "search_objective": t["value"],
+    }
+
+
+def trial_breakdown(timing: dict[str, float], trial_wall: float) -> dict[str, float]:
+    """A trial's wall time (Tune start to end) split into the phases its worker and the driver timed."""
+    start = timing["worker_started_at"] - timing["started_at"]
+    data, model = timing["data_seconds"], timing["model_load_seconds"]
+    ev, ck = timing["eval_seconds_total"], timing["checkpoint_seconds_total"]
+    training = timing["elapsed_seconds"] - data - model - ev - ck
+    out = {"worker group start": start, "imports": timing["imports_seconds"], "data preparation": data,
+           "model load + 4-bit": model, "evaluation": ev, "checkpointing": ck, "training": training}
+    out["shutdown + result"] = trial_wall - sum(out.values())
+    out["mlflow (driver, in parallel)"] = timing.get("mlflow_seconds", 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# P2, P3, P5: the two strategies over seeds.
+
+
+def best_so_far_curve(histories: dict[str, list[dict]], origin: float, mode: str) -> list[tuple[float, float]]:
+    """(seconds since `origin`, best so far) after every evaluation, judging each trial by its latest evaluation
+    (as the search picks its best adapter)."""
+    events = sorted((r["timestamp"], tid, r["value"]) for tid, rows in histories.items() for r in rows
+                    if r["value"] is not None)
+    latest: dict[str, float] = {}
+    curve = []
+    for ts, tid, value in events:
+        latest[tid] = value
+        best = max(latest.values()) if mode == "max" else min(latest.values())
+        curve.append((ts - origin, best))
+    return curve
+
+
+def time_to_reach(curve: list[tuple[float, float]], target: float, mode: str) -> float | None:
+    for t, v in curve:
+        if (v >= target) if mode == "max" else (v <= target):
+            return t
+    return None
+
+
+def within(best: float, mode: str, tol: float = 0.01) -> float:
+    """The value within `tol` (relative) of `best`."""
+    return best - tol * abs(best) if mode == "max" else best + tol * abs(best)
+
+
+def compare(runs: dict[str, dict[str, Any]], mode: str) -> dict[str, Any]:
+    """One seed: each strategy's time to within 1% of the best final objective either strategy found."""
+    best = [r["best_value"] for r in runs.values() if r["best_value"] is not None]
+    ref = (max if mode == "max" else min)(best)
+    target = within(ref, mode)
+    out = {"reference_best": ref, "target": target}
+    for key, r in runs.items():
+        t = time_to_reach(r["curve"], target, mode)
+        out[key] = {"seconds": t if t is not None else r["wall_seconds"], "reached": t is not None}
+    a, b = out["random_fifo"]["seconds"], out["tpe_asha"]["seconds"]
+    out["ratio"] = round(a / b, 3) if b else None
+    return out
+
+
+def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, Any]:
+    from search.report import trial_histories
+
+    extra = ["--set", f"num_trials={b.args.p2_trials}", "--set", "max_concurrent_trials=2",
+             "--set", f"searcher.seed={seed}", "--set", f"space={SPACE}",
+             "--set", f"searcher.algorithm={'tpe' if tpe_asha else 'random'}",
+             "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
+    steps, every = b.args.p2_steps, b.args.p2_steps // 3
+    s = b.search(name, extra, steps, every)
+    mode = s["objective"]["mode"]
+    hist = trial_histories(b.out / "runs" / name, s["objective"]["metric"])
+    curve = best_so_far_curve(hist, s["started_at"], mode)
+    trials = s["trials"]
+    best = s.get("best") or {}
+    best_trial = next((t for t in trials if t["trial_id"] == best.get("trial_id")), None)
+    return {
+        "name": name, "seed": seed, "wall_seconds": s["command_seconds"], "best_value": best.get("value"),
+        "best_trial": best.get("trial_id"), "best_stopped_early": bool(best_trial and best_trial["stopped_early"]),
+        "curve": [(round(t, 2), v) for t, v in curve],
+        "steps_run": sum(t["steps"] for t in trials), "steps_full": len(trials) * steps,
+        "stopped_early": sum(bool(t["stopped_early"]) for t in trials), "failed": sum(t["status"] == "ERROR"
+                                                                                     for t in trials),
+        "mlflow_seconds": s["mlflow_seconds"], "search_wall_seconds": s["wall_seconds"],
+        "data_seconds": [t["timing"].get("data_seconds") for t in trials if (t.get("timing") or {}).get("data_seconds")
+                         is not None],
+    }
+
+
+def p2(b: Bench) -> dict[str, Any]:
+    seeds = list(range(b.args.p2_seeds))
+    per_seed, runs = [], []
+    for seed in seeds:
+        pair = {}
+        for key, tpe_asha in (("tpe_asha", True), ("random_fifo", False)):
+            _say(f"P2: seed {seed}, {key.replace('_', ' + ')}: {b.args.p2_trials} trials of {b.args.p2_steps} steps")
+            pair[key] = strategy_run(b, f"p2-{key}-seed{seed}", seed, tpe_asha)
+            _say(f"P2: {key} seed {seed}: best {pair[key]['best_value']} in {pair[key]['wall_seconds']:.0f} s, "
+                 f"{pair[key]['stopped_early']} stopped early")
+        c = compare(pair, "max")
+        c["seed"] = seed
+        per_seed.append(c)
+        runs.extend(pair.values())
+    ratios = [c["ratio"] for c in per_seed if c["ratio"] is not None]
+    asha = [r for r in runs if r["name"].startswith("p2-tpe_asha")]
+    return {
+        "seeds": per_seed, "runs": runs, "ratio_median": statistics.median(ratios) if ratios else None,
+        "p3": {"steps_fraction": round(sum(r["steps_run"] for r in asha) / sum(r["steps_full"] for r in asha), 3),
+               "per_seed": [round(r["steps_run"] / r["steps_full"], 3) for r in asha],
+               "best_ever_stopped_early": any(r["best_stopped_early"] for r in asha)},
+        "p5": {"mlflow_seconds": round(sum(r["mlflow_seconds"] for r in runs), 2),
+               "wall_seconds": round(sum(r["search_wall_seconds"] for r in runs), 1)},
+        "data_seconds_per_trial": [x for r in runs for x in r["data_seconds"]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# P4: data preparation, one-time vs per trial.
+
+
+def p4(b: Bench, per_trial: list[float]) -> dict[str, Any]:
+    """The one-time preparation (read, split, tokenize; measured here, cold) against what trials spent getting their
+    data (`data_seconds` in their reports)."""
+    from trainables.model import load_tokenizer
+    from trainables.settings import TrialSettings
+    from trainables.tasks import build_task
+
+    s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, b.args.p2_steps // 3, b.args.eval_examples))
+    tok = load_tokenizer(s.model)
+    t = time.time()
+    build_task(s, tok, cache=False)
+    once = time.time() - t
+    med = statistics.median(per_trial) if per_trial else None
+    return {"one_time_seconds": round(once, 3), "per_trial_seconds_median": med, "trials": len(per_trial),
+            "ratio": round(med / once, 4) if med is not None else None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report.
+
+
+def verdict(key: str, value: float | None) -> str:
+    if value is None:
+        return "not measured"
+    op, goal = TARGETS[key]
+    ok = value <= goal if op == "<=" else value >= goal
+    return f"{'met' if ok else 'NOT met'} (target {op} {goal:g})"
+
+
+def plots(out: Path, report: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if "p2" in report:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for r in report["p2"]["runs"]:
+            xs = [0.0] + [t for t, _ in r["curve"]] + [r["wall_seconds"]]
+            ys = [None] + [v for _, v in r["curve"]] + [r["curve"][-1][1] if r["curve"] else None]
+            style = "-" if r["name"].startswith("p2-tpe") else "--"
+            color = f"C{r['seed']}"
+            ax.step(xs, ys, style, where="post", color=color,
+                    label=f"{'TPE+ASHA' if style == '-' else 'random, no ES'} seed {r['seed']}")
+        ax.set_xlabel("wall time since the search command started (s)")
+        ax.set_ylabel("best val_f1 so far (latest evaluation per trial)")
+        ax.set_title("P2: best so far vs wall time (solid: TPE + ASHA, dashed: random without early stopping)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "p2_best_so_far.png", dpi=110)
+        plt.close(fig)
+        made.append("p2_best_so_far.png")
+    if "p1" in report:
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        for row, (label, parts) in enumerate((("bare loop", report["p1"]["bare_breakdown"]),
+                                              ("search trial", report["p1"]["trial_breakdown"]))):
+            left = 0.0
+            for i, (k, v) in enumerate(parts.items()):
+                if k.startswith("mlflow"):
+                    continue
+                ax.barh(row, v, left=left, color=f"C{i}", label=k if row else None, edgecolor="white")
+                left += v
+        ax.set_yticks([0, 1], ["bare loop", "search trial"])
+        ax.set_xlabel("seconds")
+        ax.set_title(f"P1: one trial, {report['p1']['steps']} steps (ratio {report['p1']['ratio']})")
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+        fig.tight_layout()
+        fig.savefig(out / "p1_breakdown.png", dpi=110)
+        plt.close(fig)
+        made.append("p1_breakdown.png")
+    return made
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"# qlora-search benchmark, {report['started']}", "",
+             f"Machine: {m['cpus']} CPUs, {m['platform']}; no GPU. Versions: "
+             + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+             f"Command: `{report['command']}`, {report['wall_seconds']:.0f} s in all.", "",
+             "| figure | value | target |", "|---|---|---|"]
+    if "p1" in report:
+        lines.append(f"| P1 trial overhead (search trial / bare loop) | {report['p1']['ratio']} | "
+                     f"{verdict('p1', report['p1']['ratio'])} |")
+    if "p2" in report:
+        p = report["p2"]
+        lines.append(f"| P2 time to within 1% of best, random no-ES / TPE+ASHA (median of {len(p['seeds'])} seeds) "
+                     f"| {p['ratio_median']} | {verdict('p2', p['ratio_median'])} |")
+        lines.append(f"| P3 steps run / steps with no early stopping (TPE+ASHA) | {p['p3']['steps_fraction']} | "
+                     f"{verdict('p3', p['p3']['steps_fraction'])}; best trial ever stopped early: "
+                     f"{'yes' if p['p3']['best_ever_stopped_early'] else 'no'} |")
+        p5 = p["p5"]["mlflow_seconds"] / p["p5"]["wall_seconds"]
+        lines.append(f"| P5 MLflow time / search wall time | {p5:.4f} | {verdict('p5', p5)} |")
+    if "p4" in report:
+        lines.append(f"| P4 per-trial data time / one-time preparation | {report['p4']['ratio']} | "
+                     f"{verdict('p4', report['p4']['ratio'])} |")
+    if "p1" in report:
+        p = report["p1"]
+        lines += ["", f"## P1: one trial of {p['steps']} steps", "",
+                  f"Bare loop {p['bare_seconds']} s (process start to exit); the same trial in a 1-trial search "
+                  f"{p['trial_seconds']} s from Tune starting it to Tune seeing it end. The whole `search.run` "
+                  f"command took {p['search_command_seconds']} s (ratio {p['ratio_whole_command']}), of which Ray "
+                  f"start {p['ray_start_seconds']} s. val_f1: bare {p['bare_objective']}, search {p['search_objective']}.",
+                  "", "| phase | bare loop (s) | search trial (s) |", "|---|---|---|"]
+        keys = list(dict.fromkeys(list(p["bare_breakdown"]) + list(p["trial_breakdown"])))
+        for k in keys:
+            lines.append(f"| {k} | {p['bare_breakdown'].get(k, '')} | {p['trial_breakdown'].get(k, '')} |")
+        lines += ["", "![P1](p1_breakdown.png)"]
+    if "p2" in report:
+        p = report["p2"]
+        lines += ["", "## P2, P3, P5: TPE + ASHA vs random search without early stopping", "",
+                  "| seed | best either found | TPE+ASHA: s to within 1% | random no-ES: s to within 1% | ratio |",
+                  "|---|---|---|---|---|"]
+        for c in p["seeds"]:
+            def cell(x):
+                return f"{x['seconds']:.0f}" + ("" if x["reached"] else " (never; its wall time)")
+            lines.append(f"| {c['seed']} | {c['reference_best']:.4f} | {cell(c['tpe_asha'])} | "
+                         f"{cell(c['random_fifo'])} | {c['ratio']} |")
+        lines += ["", "| search | wall (s) | best val_f1 | steps run / full | stopped early | failed |",
+                  "|---|---|---|---|---|---|"]
+        for r in p["runs"]:
+            lines.append(f"| {r['name']} | {r['wall_seconds']:.0f} | {r['best_value']} | "
+                         f"{r['steps_run']}/{r['steps_full']} | {r['stopped_early']} | {r['failed']} |")
+        lines += ["", "![P2](p2_best_so_far.png)"]
+    if "p4" in report:
+        p = report["p4"]
+        lines += ["", "## P4: data preparation", "",
+                  f"One-time preparation (read, deduplicate, split, tokenize), cold: {p['one_time_seconds']} s. "
+                  f"Median per trial over {p['trials']} trials: {p['per_trial_seconds_median']} s."]
+    return "\n".join(lines) + "\n"
+
+
+def versions() -> dict[str, str]:
+    from search.driver import library_versions
+
+    return library_versions()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="Report directory (default: bench/results/<time>).")
+    ap.add_argument("--only", nargs="+", choices=("p1", "p2", "p4"), help="Run only these parts (P3 and P5 come "
+                    "with P2).")
+    ap.add_argument("--p1-steps", type=int, default=240, help="Steps of the P1 trial (default: a bare loop of "
+                    "about 2 minutes on 2 CPUs).")
+    ap.add_argument("--p2-steps", type=int, default=90)
+    ap.add_argument("--p2-trials", type=int, default=8)
+    ap.add_argument("--p2-seeds", type=int, default=3)
+    ap.add_argument("--eval-examples", type=int, default=256, help="Validation examples per evaluation.")
+    args = ap.parse_args(argv)
+    out = Path(args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    parts = set(args.only or ("p1", "p2", "p4"))
+    t0 = time.time()
+    report: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "versions": versions(),
+        "settings": vars(args), "targets": TARGETS,
+    }
+    b = Bench(out, args)
+    _say(f"writing to {out}")
+    if "p1" in parts:
+        report["p1"] = p1(b)
+        _say(f"P1: ratio {report['p1']['ratio']}")
+    if "p2" in parts:
+        report["p2"] = p2(b)
+        _say(f"P2: median ratio {report['p2']['ratio_median']}; P3 {report['p2']['p3']}")
+    if "p4" in parts:
+        per_trial = report.get("p2", {}).get("data_seconds_per_trial") or (
+            [report["p1"]["trial_breakdown"]["data preparation"]] if "p1" in report else [])
+        report["p4"] = p4(b, per_trial)
+        _say(f"P4: ratio {report['p4']['ratio']}")
+    report["wall_seconds"] = round(time.time() - t0, 1)
+    report["plots"] = plots(out, report)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(markdown(report))
+    _say(f"report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
