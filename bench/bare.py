@@ -24,7 +24,9 @@ def main(argv: list[str]) -> int:
 
     settings = TrialSettings.model_validate_json(Path(settings_path).read_text())
     t = time.time()
-    from trainables.sft import train  # torch, transformers, peft, trl, datasets
+    from trainables.sft import import_stack, train
+
+    import_stack()
 
     imports = time.time() - t
     reports: list[dict] = []

@@ -56,14 +56,16 @@ class Bench:
                 "--set", f"output_dir={self.out / 'runs'}", "--set", f"mlflow.tracking_uri={self.mlflow}",
                 "--set", f"model_cache={ROOT / '.cache'}"]
 
-    def search(self, name: str, extra: list[str], steps: int, every: int) -> dict[str, Any]:
+    def search(self, name: str, extra: list[str], steps: int, every: int, env: dict[str, str] | None = None
+               ) -> dict[str, Any]:
         """Run `python -m search.run` in its own process; its summary.json plus the command's wall time."""
         cmd = [sys.executable, "-m", "search.run", "--config", CONFIG, "--name", name, *self.sets(steps, every), *extra]
         log = self.out / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         t = time.time()
         with open(log, "w") as fh:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}).returncode
         wall = time.time() - t
         summary_path = self.out / "runs" / name / "summary.json"
         if rc != 0 or not summary_path.is_file():
@@ -110,16 +112,15 @@ def trial_settings(steps: int, every: int, eval_examples: int) -> dict[str, Any]
 # P1: trial overhead.
 
 
+# What P1's "before" undoes: Ray Train's default 2 s controller poll (a finished trial waited up to 2 s, and its
+# worker group's shutdown more, before Tune saw it end) and the preprocessing cache (every trial tokenized its data).
+BEFORE = {"env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}, "sets": ["--set", "trial.cache_dir=''"]}
+
+
 def p1(b: Bench) -> dict[str, Any]:
     steps, every = b.args.p1_steps, b.args.p1_steps // 3
     _say(f"P1: bare loop, {steps} steps")
     bare = b.bare(trial_settings(steps, every, b.args.eval_examples), "p1-bare")
-    _say(f"P1: bare loop took {bare['wall_seconds']:.1f} s; now the same trial through search.run")
-    s = b.search("p1-search", ["--set", "num_trials=1", "--set", "searcher.algorithm=random"], steps, every)
-    t = s["trials"][0]
-    timing = t.get("timing") or {}
-    trial_wall = timing["ended_at"] - timing["started_at"]
-    breakdown = trial_breakdown(timing, trial_wall)
     bare_breakdown = {
         "python start": bare["started_at"] - (bare["ended_at"] - bare["wall_seconds"]),
         "imports": bare["imports_seconds"], "data preparation": bare["data_seconds"],
@@ -128,25 +129,47 @@ def p1(b: Bench) -> dict[str, Any]:
         - bare["eval_seconds_total"],
     }
     bare_breakdown["exit"] = bare["wall_seconds"] - sum(bare_breakdown.values())
-    return {
-        "steps": steps, "bare_seconds": bare["wall_seconds"], "trial_seconds": round(trial_wall, 2),
-        "ratio": round(trial_wall / bare["wall_seconds"], 3),
-        "search_command_seconds": s["command_seconds"], "search_wall_seconds": s["wall_seconds"],
-        "ratio_whole_command": round(s["command_seconds"] / bare["wall_seconds"], 3),
-        "ray_start_seconds": s.get("ray_start_seconds"),
-        "trial_breakdown": {k: round(v, 2) for k, v in breakdown.items()},
-        "bare_breakdown": {k: round(v, 2) for k, v in bare_breakdown.items()},
-        "bare_objective": bare["objective"].get("val_f1"), "search_objective": t["value"],
-    }
+    out = {"steps": steps, "bare_seconds": bare["wall_seconds"], "bare_objective": bare["objective"].get("val_f1"),
+           "bare_breakdown": {k: round(v, 2) for k, v in bare_breakdown.items()},
+           "bare_fixed_seconds": round(bare["wall_seconds"] - sum(bare_breakdown[k] for k in WORK), 2)}
+    _say(f"P1: bare loop took {bare['wall_seconds']:.1f} s; now the same trial through search.run, before and after")
+    # the one trial gets the machine's CPUs, as the bare loop does (a trial's worker runs torch on as many threads
+    # as it has CPUs): the ratio then measures the search path, not a smaller share of the machine
+    extra = ["--set", "num_trials=1", "--set", "searcher.algorithm=random", "--set", "max_concurrent_trials=1",
+             "--set", f"resources.cpus_per_worker={os.cpu_count()}"]
+    for key, name, env, sets in (("before", "p1-search-before", BEFORE["env"], BEFORE["sets"]),
+                                 ("after", "p1-search", None, [])):
+        s = b.search(name, extra + sets, steps, every, env=env)
+        t = s["trials"][0]
+        timing = t.get("timing") or {}
+        trial_wall = timing["ended_at"] - timing["started_at"]
+        breakdown = trial_breakdown(timing, trial_wall)
+        out[key] = {
+            "trial_seconds": round(trial_wall, 2), "ratio": round(trial_wall / bare["wall_seconds"], 3),
+            "fixed_seconds": round(trial_wall - sum(breakdown[k] for k in WORK), 2),
+            "search_command_seconds": s["command_seconds"], "search_wall_seconds": s["wall_seconds"],
+            "ratio_whole_command": round(s["command_seconds"] / bare["wall_seconds"], 3),
+            "ray_start_seconds": s.get("ray_start_seconds"), "objective": t["value"],
+            "trial_breakdown": {k: round(v, 2) for k, v in breakdown.items()},
+            "data": {k: timing.get(k, 0.0) for k in ("data_seconds", "tokenize_seconds")},
+        }
+        _say(f"P1 {key}: trial {trial_wall:.1f} s, ratio {out[key]['ratio']}")
+    out["ratio"] = out["after"]["ratio"]
+    return out
+
+
+WORK = ("data preparation", "model load + 4-bit", "evaluation", "training")  # the loop itself; the rest is fixed
 
 
 def trial_breakdown(timing: dict[str, float], trial_wall: float) -> dict[str, float]:
     """A trial's wall time (Tune start to end) split into the phases its worker and the driver timed."""
-    start = timing["worker_started_at"] - timing["started_at"]
     data, model = timing["data_seconds"], timing["model_load_seconds"]
     ev, ck = timing["eval_seconds_total"], timing["checkpoint_seconds_total"]
     training = timing["elapsed_seconds"] - data - model - ev - ck
-    out = {"worker group start": start, "imports": timing["imports_seconds"], "data preparation": data,
+    out = {"trial process start": timing["trial_entered_at"] - timing["started_at"],
+           "TorchTrainer setup": timing["fit_at"] - timing["trial_entered_at"],
+           "worker group start": timing["worker_started_at"] - timing["fit_at"],
+           "imports": timing["imports_seconds"], "data preparation": data,
            "model load + 4-bit": model, "evaluation": ev, "checkpointing": ck, "training": training}
     out["shutdown + result"] = trial_wall - sum(out.values())
     out["mlflow (driver, in parallel)"] = timing.get("mlflow_seconds", 0.0)
@@ -220,8 +243,8 @@ def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, An
         "stopped_early": sum(bool(t["stopped_early"]) for t in trials), "failed": sum(t["status"] == "ERROR"
                                                                                      for t in trials),
         "mlflow_seconds": s["mlflow_seconds"], "search_wall_seconds": s["wall_seconds"],
-        "data_seconds": [t["timing"].get("data_seconds") for t in trials if (t.get("timing") or {}).get("data_seconds")
-                         is not None],
+        "data": [{k: t["timing"][k] for k in ("data_seconds", "tokenize_seconds")} for t in trials
+                 if {"data_seconds", "tokenize_seconds"} <= (t.get("timing") or {}).keys()],
     }
 
 
@@ -248,7 +271,7 @@ def p2(b: Bench) -> dict[str, Any]:
                "best_ever_stopped_early": any(r["best_stopped_early"] for r in asha)},
         "p5": {"mlflow_seconds": round(sum(r["mlflow_seconds"] for r in runs), 2),
                "wall_seconds": round(sum(r["search_wall_seconds"] for r in runs), 1)},
-        "data_seconds_per_trial": [x for r in runs for x in r["data_seconds"]],
+        "data_per_trial": [x for r in runs for x in r["data"]],
     }
 
 
@@ -256,9 +279,9 @@ def p2(b: Bench) -> dict[str, Any]:
 # P4: data preparation, one-time vs per trial.
 
 
-def p4(b: Bench, per_trial: list[float]) -> dict[str, Any]:
-    """The one-time preparation (read, split, tokenize; measured here, cold) against what trials spent getting their
-    data (`data_seconds` in their reports)."""
+def p4(b: Bench, trials: list[dict[str, float]]) -> dict[str, Any]:
+    """The one-time preparation (read, split, tokenize; measured here, without the cache) against what each trial
+    spent on its data: tokenizing (`tokenize_seconds`) and in all (`data_seconds`, reading the cache included)."""
     from trainables.model import load_tokenizer
     from trainables.settings import TrialSettings
     from trainables.tasks import build_task
@@ -266,11 +289,15 @@ def p4(b: Bench, per_trial: list[float]) -> dict[str, Any]:
     s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, b.args.p2_steps // 3, b.args.eval_examples))
     tok = load_tokenizer(s.model)
     t = time.time()
-    build_task(s, tok, cache=False)
+    task = build_task(s, tok, cache=False)
     once = time.time() - t
-    med = statistics.median(per_trial) if per_trial else None
-    return {"one_time_seconds": round(once, 3), "per_trial_seconds_median": med, "trials": len(per_trial),
-            "ratio": round(med / once, 4) if med is not None else None}
+    tok_once = task.stats["encoding"]["tokenize_seconds"]
+    tok_med = statistics.median(t["tokenize_seconds"] for t in trials) if trials else None
+    data_med = statistics.median(t["data_seconds"] for t in trials) if trials else None
+    return {"one_time_seconds": round(once, 3), "one_time_tokenize_seconds": tok_once, "trials": len(trials),
+            "per_trial_tokenize_seconds_median": tok_med, "per_trial_data_seconds_median": data_med,
+            "ratio": round(tok_med / tok_once, 4) if tok_med is not None else None,
+            "ratio_all_data": round(data_med / once, 4) if data_med is not None else None}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,18 +337,23 @@ def plots(out: Path, report: dict[str, Any]) -> list[str]:
         plt.close(fig)
         made.append("p2_best_so_far.png")
     if "p1" in report:
-        fig, ax = plt.subplots(figsize=(8, 3.2))
-        for row, (label, parts) in enumerate((("bare loop", report["p1"]["bare_breakdown"]),
-                                              ("search trial", report["p1"]["trial_breakdown"]))):
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        p = report["p1"]
+        bars = (("bare loop", p["bare_breakdown"]), ("trial, before", p["before"]["trial_breakdown"]),
+                ("trial, after", p["after"]["trial_breakdown"]))
+        colors: dict[str, str] = {}
+        for row, (label, parts) in enumerate(bars):
             left = 0.0
             for i, (k, v) in enumerate(parts.items()):
                 if k.startswith("mlflow"):
                     continue
-                ax.barh(row, v, left=left, color=f"C{i}", label=k if row else None, edgecolor="white")
+                new = k not in colors
+                colors.setdefault(k, f"C{len(colors) % 10}")
+                ax.barh(row, v, left=left, color=colors[k], label=k if new else None, edgecolor="white")
                 left += v
-        ax.set_yticks([0, 1], ["bare loop", "search trial"])
+        ax.set_yticks(range(len(bars)), [label for label, _ in bars])
         ax.set_xlabel("seconds")
-        ax.set_title(f"P1: one trial, {report['p1']['steps']} steps (ratio {report['p1']['ratio']})")
+        ax.set_title(f"P1: one trial, {p['steps']} steps (ratio before {p['before']['ratio']}, after {p['ratio']})")
         ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
         fig.tight_layout()
         fig.savefig(out / "p1_breakdown.png", dpi=110)
@@ -350,19 +382,27 @@ def markdown(report: dict[str, Any]) -> str:
         p5 = p["p5"]["mlflow_seconds"] / p["p5"]["wall_seconds"]
         lines.append(f"| P5 MLflow time / search wall time | {p5:.4f} | {verdict('p5', p5)} |")
     if "p4" in report:
-        lines.append(f"| P4 per-trial data time / one-time preparation | {report['p4']['ratio']} | "
+        lines.append(f"| P4 per-trial tokenization time / one-time tokenization | {report['p4']['ratio']} | "
                      f"{verdict('p4', report['p4']['ratio'])} |")
+        lines.append(f"| P4' per-trial data time in all (reading the cache included) / one-time preparation | "
+                     f"{report['p4']['ratio_all_data']} | for information |")
     if "p1" in report:
         p = report["p1"]
+        a, bf = p["after"], p["before"]
         lines += ["", f"## P1: one trial of {p['steps']} steps", "",
-                  f"Bare loop {p['bare_seconds']} s (process start to exit); the same trial in a 1-trial search "
-                  f"{p['trial_seconds']} s from Tune starting it to Tune seeing it end. The whole `search.run` "
-                  f"command took {p['search_command_seconds']} s (ratio {p['ratio_whole_command']}), of which Ray "
-                  f"start {p['ray_start_seconds']} s. val_f1: bare {p['bare_objective']}, search {p['search_objective']}.",
-                  "", "| phase | bare loop (s) | search trial (s) |", "|---|---|---|"]
-        keys = list(dict.fromkeys(list(p["bare_breakdown"]) + list(p["trial_breakdown"])))
+                  f"Bare loop {p['bare_seconds']} s (process start to exit, val_f1 {p['bare_objective']}). The same "
+                  f"trial in a 1-trial search, from Tune starting it to Tune seeing it end: before "
+                  f"{bf['trial_seconds']} s (ratio {bf['ratio']}), after {a['trial_seconds']} s (ratio {a['ratio']}, "
+                  f"val_f1 {a['objective']}). Fixed cost (everything but data, model load, evaluation and training): "
+                  f"bare {p['bare_fixed_seconds']} s, trial before {bf['fixed_seconds']} s, after {a['fixed_seconds']} s.",
+                  f"The whole `search.run` command (Ray start {a['ray_start_seconds']} s, data encoded once, the "
+                  f"trial, test evaluation, report): before {bf['search_command_seconds']} s, after "
+                  f"{a['search_command_seconds']} s (ratio to the bare loop {a['ratio_whole_command']}).",
+                  "", "| phase | bare loop (s) | trial before (s) | trial after (s) |", "|---|---|---|---|"]
+        keys = list(dict.fromkeys(list(p["bare_breakdown"]) + list(a["trial_breakdown"])))
         for k in keys:
-            lines.append(f"| {k} | {p['bare_breakdown'].get(k, '')} | {p['trial_breakdown'].get(k, '')} |")
+            lines.append(f"| {k} | {p['bare_breakdown'].get(k, '')} | {bf['trial_breakdown'].get(k, '')} | "
+                         f"{a['trial_breakdown'].get(k, '')} |")
         lines += ["", "![P1](p1_breakdown.png)"]
     if "p2" in report:
         p = report["p2"]
@@ -383,8 +423,11 @@ def markdown(report: dict[str, Any]) -> str:
     if "p4" in report:
         p = report["p4"]
         lines += ["", "## P4: data preparation", "",
-                  f"One-time preparation (read, deduplicate, split, tokenize), cold: {p['one_time_seconds']} s. "
-                  f"Median per trial over {p['trials']} trials: {p['per_trial_seconds_median']} s."]
+                  f"One-time preparation without the cache (read, deduplicate, split, tokenize): {p['one_time_seconds']} s, "
+                  f"of which tokenizing {p['one_time_tokenize_seconds']} s. Median per trial over {p['trials']} trials "
+                  f"(the search encodes once into the preprocessing cache; trials read it): tokenizing "
+                  f"{p['per_trial_tokenize_seconds_median']} s, data in all {p['per_trial_data_seconds_median']} s "
+                  f"(reading the data file, splitting, looking the token ids up in the cache)."]
     return "\n".join(lines) + "\n"
 
 
@@ -399,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="Report directory (default: bench/results/<time>).")
     ap.add_argument("--only", nargs="+", choices=("p1", "p2", "p4"), help="Run only these parts (P3 and P5 come "
                     "with P2).")
-    ap.add_argument("--p1-steps", type=int, default=240, help="Steps of the P1 trial (default: a bare loop of "
+    ap.add_argument("--p1-steps", type=int, default=480, help="Steps of the P1 trial (default: a bare loop of "
                     "about 2 minutes on 2 CPUs).")
     ap.add_argument("--p2-steps", type=int, default=90)
     ap.add_argument("--p2-trials", type=int, default=8)
@@ -424,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         report["p2"] = p2(b)
         _say(f"P2: median ratio {report['p2']['ratio_median']}; P3 {report['p2']['p3']}")
     if "p4" in parts:
-        per_trial = report.get("p2", {}).get("data_seconds_per_trial") or (
-            [report["p1"]["trial_breakdown"]["data preparation"]] if "p1" in report else [])
+        per_trial = report.get("p2", {}).get("data_per_trial") or (
+            [report["p1"]["after"]["data"]] if "p1" in report else [])
         report["p4"] = p4(b, per_trial)
         _say(f"P4: ratio {report['p4']['ratio']}")
     report["wall_seconds"] = round(time.time() - t0, 1)

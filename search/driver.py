@@ -68,7 +68,8 @@ def _start_ray(cfg: ExperimentConfig, plan: dict, verbose: bool) -> None:
            # Ray Train gives a worker group 60 s to start, then fails the attempt. A worker that imports torch and
            # transformers on a busy machine, or waits for the autoscaler to add a GPU node, can need minutes; plan
            # resources already refuses a trial that can never fit, so waiting longer only costs time when busy.
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")}
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, runtime_env={"env_vars": env}, log_to_driver=verbose)
     else:
@@ -182,8 +183,9 @@ def load_trainable(spec: str):
 
 
 # Where a trial's time went, as its worker reported it (cumulative, in its last result); see trainables/sft.py.
-WORKER_TIMING = ("worker_started_at", "imports_seconds", "data_seconds", "model_load_seconds", "eval_seconds_total",
-                 "checkpoint_seconds_total", "elapsed_seconds")
+WORKER_TIMING = ("trial_entered_at", "fit_at", "worker_started_at", "imports_seconds", "data_seconds",
+                 "tokenize_seconds", "model_load_seconds", "eval_seconds_total", "checkpoint_seconds_total",
+                 "elapsed_seconds")
 
 
 def collect_trials(results, cfg: ExperimentConfig, interrupted: dict[str, tuple[str, dict]] | None = None,

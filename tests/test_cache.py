@@ -26,7 +26,10 @@ def test_cached_columns_equal_tokenized_ones_and_a_second_trial_encodes_nothing(
     assert trial.fmt.memo.loaded == info["inputs"] and trial.fmt.memo.added == 0
     again = build_task(s, load_tokenizer(s.model))
     assert again.train_cols == fresh.train_cols and again.val_cols == fresh.val_cols
-    assert again.stats == fresh.stats
+    assert again.stats["lengths"] == fresh.stats["lengths"] and again.stats["counts"] == fresh.stats["counts"]
+    # no tokenizer call in a trial that found the cache: every input came from it
+    assert again.stats["encoding"] == {"from_cache": info["inputs"], "tokenized": 0, "tokenize_seconds": 0.0}
+    assert fresh.stats["encoding"]["tokenized"] > 0 and fresh.stats["encoding"]["tokenize_seconds"] > 0
     assert len(trial.train_cols["input_ids"]) > len(fresh.train_cols["input_ids"])  # oversampled more
 
 

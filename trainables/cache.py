@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +52,9 @@ class Memo:
         self.directory = directory
         self.table: dict[str, tuple[list[int], bool]] = {}
         self.loaded = 0  # entries read from disk
-        self.added = 0  # entries computed in this process
+        self.added = 0  # entries computed in this process (not yet saved)
+        self.encoded = 0  # entries computed in this process, in all
+        self.encode_seconds = 0.0  # time spent computing them (tokenizing)
         if directory is not None and directory.is_dir():
             self._load()
 
@@ -70,9 +73,12 @@ class Memo:
     def get(self, key: str, compute: Callable[[], tuple[list[int], bool]]) -> tuple[list[int], bool]:
         hit = self.table.get(key)
         if hit is None:
+            t = time.perf_counter()
             hit = compute()
+            self.encode_seconds += time.perf_counter() - t
             self.table[key] = hit
             self.added += 1
+            self.encoded += 1
         return hit
 
     def save(self) -> bool:

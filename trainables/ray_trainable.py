@@ -42,9 +42,12 @@ def train_worker(config: dict[str, Any], on_end=None) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from trainables.sft import train  # torch, transformers, peft, trl, datasets
+    from trainables.sft import import_stack, train
+
+    import_stack()
     # where a trial's fixed cost goes (the driver adds when Tune started and ended the trial): see bench/README.md
-    timing = {"worker_started_at": round(entered, 3), "imports_seconds": round(time.time() - entered, 3)}
+    timing = {**config.get("timing", {}), "worker_started_at": round(entered, 3),
+              "imports_seconds": round(time.time() - entered, 3)}
 
     settings = TrialSettings.model_validate(config["settings"])
     ctx = ray.train.get_context()
@@ -121,6 +124,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
 
     `objective` (metric, mode): Train keeps the trial's 2 best checkpoints by it, besides its latest (to resume
     from), so the search can export the best adapter a trial produced."""
+    import time
+
+    entered = time.time()
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -129,7 +135,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_loop_per_worker=train_worker,
-        train_loop_config={"settings": settings.model_dump()},
+        # when this trial's process started and when it asked Train for workers (see search.driver.WORKER_TIMING)
+        train_loop_config={"settings": settings.model_dump(),
+                           "timing": {"trial_entered_at": round(entered, 3), "fit_at": round(time.time(), 3)}},
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.gpus_per_worker > 0,

@@ -84,6 +84,17 @@ def sft_trainer_class(trainable_tokens: bool):
     return TrainableTokensSFTTrainer
 
 
+def import_stack() -> None:
+    """Import the training stack now (torch, transformers, peft, trl, datasets, bitsandbytes), so that its cost is
+    timed as imports and not inside the first phase that happens to need it."""
+    import bitsandbytes  # noqa: F401
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+
 def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = None,
           on_end: Callable[[Any], None] | None = None, checkpoints: bool = True) -> dict[str, Any]:
     """Fine-tune LoRA adapters on a (4-bit) base with TRL's SFTTrainer; returns the last metrics and data stats.
@@ -132,6 +143,7 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
                 "elapsed_seconds": round(time.time() - t0, 3),
                 "train_tokens": state.num_input_tokens_seen,
                 "data_seconds": round(t_data, 3), "model_load_seconds": round(t_model, 3),
+                "tokenize_seconds": task.stats.get("encoding", {}).get("tokenize_seconds", 0.0),
                 "eval_seconds_total": round(spent["eval"], 3), "checkpoint_seconds_total": round(spent["checkpoint"], 3),
             }
             if state.global_step == s.eval.every_steps or state.global_step >= state.max_steps:

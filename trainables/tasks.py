@@ -33,6 +33,12 @@ def _flatten(prefix: str, d: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def encoding_stats(fmt) -> dict[str, float]:
+    """How this process got its token ids: read from the preprocessing cache, or tokenized here (and how long)."""
+    m = fmt.memo
+    return {"from_cache": m.loaded, "tokenized": m.encoded, "tokenize_seconds": round(m.encode_seconds, 4)}
+
+
 class ClassificationTask:
     new_tokens: list[str] = []
 
@@ -45,12 +51,13 @@ class ClassificationTask:
         self.train_cols, train_len = self.fmt.encode(self.splits.train)
         self.val_cols, val_len = self.fmt.encode(self.splits.val[: s.eval.max_examples])
         self.fmt.save_cache()
-        self.stats = {"counts": self.splits.counts, "lengths": {"train": train_len, "val": val_len}}
+        self.stats = {"counts": self.splits.counts, "lengths": {"train": train_len, "val": val_len},
+                      "encoding": encoding_stats(self.fmt)}
 
     def report_stats(self) -> dict[str, float]:
         """Data statistics sent with the first and the last report."""
-        return _flatten("data/", {"len": self.stats["lengths"], "train_minority_fraction":
-                                  self.stats["counts"]["oversampling"]["after"]["fraction"]})
+        return _flatten("data/", {"len": self.stats["lengths"], "encoding": self.stats["encoding"],
+                                  "train_minority_fraction": self.stats["counts"]["oversampling"]["after"]["fraction"]})
 
     def evaluator(self, model) -> Evaluator:
         from trainables.predict import Classifier
@@ -82,10 +89,12 @@ class StyleTask:
         self.val_items = self.splits.val[: s.style.eval_questions]
         self.val_cols, val_len = self.fmt.encode(self.val_items)
         self.fmt.save_cache()
-        self.stats = {"counts": self.splits.counts, "lengths": {"train": train_len, "val": val_len}}
+        self.stats = {"counts": self.splits.counts, "lengths": {"train": train_len, "val": val_len},
+                      "encoding": encoding_stats(self.fmt)}
 
     def report_stats(self) -> dict[str, float]:
-        return _flatten("data/", {"len": self.stats["lengths"], "train_questions": self.splits.counts["train"]})
+        return _flatten("data/", {"len": self.stats["lengths"], "encoding": self.stats["encoding"],
+                                  "train_questions": self.splits.counts["train"]})
 
     def evaluator(self, model) -> Evaluator:
         from trainables.style import Decoding, StyleEvaluator
@@ -114,7 +123,7 @@ def prepare_data(s: TrialSettings) -> dict[str, Any]:
     t = time.time()
     task = build_task(s, load_tokenizer(s.model))
     return {"seconds": round(time.time() - t, 3), "inputs": len(task.fmt.memo.table),
-            "encoded": task.fmt.memo.loaded == 0, "cache_dir": s.cache_dir}
+            "encoded": task.fmt.memo.loaded == 0, "cache_dir": s.cache_dir, **task.stats["encoding"]}
 
 
 def objective_metrics(task: str) -> tuple[str, ...]:
