@@ -32,7 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/sms_spam.yaml"
-SPACE = "bench/space.yaml"  # the default space without its warm-start point: both strategies start cold
+SPACE = "spaces/classification.yaml"  # P2 drops its warm-start point (`cold_space`): both strategies start cold
 TARGETS = {"p1": ("<=", 1.3), "p2": (">=", 3.0), "p3": ("<=", 0.35), "p4": ("<=", 0.05), "p5": ("<=", 0.01)}
 
 
@@ -220,14 +220,27 @@ def compare(runs: dict[str, dict[str, Any]], mode: str) -> dict[str, Any]:
     return out
 
 
+def cold_space(out: Path) -> Path:
+    """The default space without its warm-start point (points_to_evaluate), written into the report directory."""
+    import yaml
+
+    space = yaml.safe_load((ROOT / SPACE).read_text())
+    space.pop("points_to_evaluate", None)
+    path = out / "space-cold.yaml"
+    path.write_text(f"# {SPACE} without points_to_evaluate (bench/run.py)\n" + yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
 def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, Any]:
     from search.report import trial_histories
 
     extra = ["--set", f"num_trials={b.args.p2_trials}", "--set", "max_concurrent_trials=2",
-             "--set", f"searcher.seed={seed}", "--set", f"space={SPACE}",
+             "--set", f"searcher.seed={seed}", "--set", f"space={cold_space(b.out)}",
              "--set", f"searcher.algorithm={'tpe' if tpe_asha else 'random'}",
              "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
-    steps, every = b.args.p2_steps, b.args.p2_steps // 3
+    if tpe_asha and b.args.reduction_factor:
+        extra += ["--set", f"scheduler.reduction_factor={b.args.reduction_factor}"]
+    steps, every = b.args.p2_steps, b.args.p2_steps // b.args.p2_evals
     s = b.search(name, extra, steps, every)
     mode = s["objective"]["mode"]
     hist = trial_histories(b.out / "runs" / name, s["objective"]["metric"])
@@ -286,7 +299,7 @@ def p4(b: Bench, trials: list[dict[str, float]]) -> dict[str, Any]:
     from trainables.settings import TrialSettings
     from trainables.tasks import build_task
 
-    s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, b.args.p2_steps // 3, b.args.eval_examples))
+    s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, b.args.p2_steps // b.args.p2_evals, b.args.eval_examples))
     tok = load_tokenizer(s.model)
     t = time.time()
     task = build_task(s, tok, cache=False)
@@ -341,14 +354,14 @@ def plots(out: Path, report: dict[str, Any]) -> list[str]:
         p = report["p1"]
         bars = (("bare loop", p["bare_breakdown"]), ("trial, before", p["before"]["trial_breakdown"]),
                 ("trial, after", p["after"]["trial_breakdown"]))
-        colors: dict[str, str] = {}
+        colors: dict[str, Any] = {}
         for row, (label, parts) in enumerate(bars):
             left = 0.0
             for i, (k, v) in enumerate(parts.items()):
                 if k.startswith("mlflow"):
                     continue
                 new = k not in colors
-                colors.setdefault(k, f"C{len(colors) % 10}")
+                colors.setdefault(k, plt.get_cmap("tab20")(len(colors) % 20))
                 ax.barh(row, v, left=left, color=colors[k], label=k if new else None, edgecolor="white")
                 left += v
         ax.set_yticks(range(len(bars)), [label for label, _ in bars])
@@ -437,6 +450,13 @@ def versions() -> dict[str, str]:
     return library_versions()
 
 
+def redraw(out: Path) -> None:
+    """Plots and report.md again from an existing report.json (`--redraw DIR`)."""
+    report = json.loads((out / "report.json").read_text())
+    report["plots"] = plots(out, report)
+    (out / "report.md").write_text(markdown(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="Report directory (default: bench/results/<time>).")
@@ -447,8 +467,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p2-steps", type=int, default=90)
     ap.add_argument("--p2-trials", type=int, default=8)
     ap.add_argument("--p2-seeds", type=int, default=3)
+    ap.add_argument("--p2-evals", type=int, default=3, help="Evaluations per P2 trial (ASHA's rungs).")
+    ap.add_argument("--reduction-factor", type=float, help="ASHA's reduction factor in P2 (default: the config's, 2).")
     ap.add_argument("--eval-examples", type=int, default=256, help="Validation examples per evaluation.")
+    ap.add_argument("--redraw", metavar="DIR", help="Only redraw the plots and report.md of an earlier run in DIR.")
     args = ap.parse_args(argv)
+    if args.redraw:
+        redraw(Path(args.redraw))
+        return 0
     out = Path(args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     parts = set(args.only or ("p1", "p2", "p4"))

@@ -1,0 +1,45 @@
+"""The benchmark's arithmetic (bench/run.py) on constructed histories, against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.run import best_so_far_curve, compare, time_to_reach, trial_breakdown, within
+
+
+def test_best_so_far_judges_each_trial_by_its_latest_evaluation():
+    hist = {"a": [{"timestamp": 110.0, "value": 0.5}, {"timestamp": 130.0, "value": 0.9}],
+            "b": [{"timestamp": 120.0, "value": 0.7}, {"timestamp": 140.0, "value": None}]}
+    assert best_so_far_curve(hist, origin=100.0, mode="max") == [(10.0, 0.5), (20.0, 0.7), (30.0, 0.9)]
+    # a trial that falls is no longer the best at its latest evaluation
+    hist = {"a": [{"timestamp": 1.0, "value": 0.9}, {"timestamp": 3.0, "value": 0.2}],
+            "b": [{"timestamp": 2.0, "value": 0.5}]}
+    assert best_so_far_curve(hist, origin=0.0, mode="max") == [(1.0, 0.9), (2.0, 0.9), (3.0, 0.5)]
+    assert best_so_far_curve(hist, origin=0.0, mode="min") == [(1.0, 0.9), (2.0, 0.5), (3.0, 0.2)]
+
+
+def test_time_to_within_one_percent_and_the_ratio():
+    assert within(0.9, "max") == pytest.approx(0.891) and within(2.0, "min") == pytest.approx(2.02)
+    curve = [(10.0, 0.5), (40.0, 0.88), (70.0, 0.895)]
+    assert time_to_reach(curve, 0.891, "max") == 70.0 and time_to_reach(curve, 0.95, "max") is None
+    runs = {"tpe_asha": {"best_value": 0.90, "curve": [(20.0, 0.6), (50.0, 0.90)], "wall_seconds": 200.0},
+            "random_fifo": {"best_value": 0.89, "curve": [(30.0, 0.7), (150.0, 0.893)], "wall_seconds": 400.0}}
+    c = compare(runs, "max")
+    # target 0.891: TPE+ASHA at 50 s, random at 150 s -> 3.0
+    assert c["reference_best"] == 0.90 and c["tpe_asha"] == {"seconds": 50.0, "reached": True}
+    assert c["random_fifo"] == {"seconds": 150.0, "reached": True} and c["ratio"] == 3.0
+    # a strategy that never gets there is charged its whole wall time, and marked
+    runs["random_fifo"]["curve"] = [(30.0, 0.7)]
+    c = compare(runs, "max")
+    assert c["random_fifo"] == {"seconds": 400.0, "reached": False} and c["ratio"] == 8.0
+
+
+def test_trial_breakdown_accounts_for_the_whole_trial():
+    timing = {"started_at": 100.0, "trial_entered_at": 100.5, "fit_at": 101.5, "worker_started_at": 106.0,
+              "imports_seconds": 3.0, "data_seconds": 0.1, "model_load_seconds": 0.4, "eval_seconds_total": 10.0,
+              "checkpoint_seconds_total": 0.5, "elapsed_seconds": 60.0, "ended_at": 171.0, "mlflow_seconds": 0.2}
+    parts = trial_breakdown(timing, 71.0)
+    assert parts["trial process start"] == 0.5 and parts["TorchTrainer setup"] == 1.0
+    assert parts["worker group start"] == 4.5 and parts["training"] == pytest.approx(49.0)
+    assert parts["shutdown + result"] == pytest.approx(2.0)  # 71 - (0.5 + 1 + 4.5 + 3 + 60)
+    assert sum(v for k, v in parts.items() if not k.startswith("mlflow")) == pytest.approx(71.0)
