@@ -57,6 +57,12 @@ def _start_ray(cfg: ExperimentConfig, plan: dict, verbose: bool) -> None:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Tune saves the experiment's state (trials, searcher, scheduler, callbacks) at most every 10 s by default. A
+    # SIGKILL inside that window loses the trials started since the last save, with whatever they reported: the
+    # resumed search cannot continue them (seen: a trial at its first checkpoint, lost and sampled anew). Every 3 s
+    # keeps the window shorter than any trial's start-up (tests/test_reliability.py's 200-trial search measures the
+    # cost). Trials lost anyway are retired in MLflow on resume (tracking.retire_lost_runs).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "3")
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -354,6 +360,11 @@ def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = F
         stop.phase = "finish"
         release_leftover_placement_groups()
         trials = collect_trials(results, cfg, state.trials if stop.requested else None, clock=cb)
+        if resume:
+            lost = tracking.retire_lost_runs(c, exp_id, parent, {str(t["trial_id"]) for t in trials})
+            if lost:
+                _say(f"{len(lost)} trial(s) {tracking.LOST_NOTE}; their MLflow runs are marked lost and deleted "
+                     f"(restorable): {', '.join(lost)}")
         if stop.requested:
             cb.end_open_runs("KILLED")
         best = pick_best(trials, cfg.objective.mode)

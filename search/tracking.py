@@ -93,6 +93,32 @@ def find_child_run(c, exp_id: str, parent: str, trial_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+LOST_NOTE = ("started just before the driver was killed, after Tune's last experiment checkpoint: the resumed search "
+             "could not continue it and sampled a new trial in its place")
+
+
+def retire_lost_runs(c, exp_id: str, parent: str, trial_ids: set[str]) -> list[str]:
+    """After a resume: end and delete (MLflow's trash, restorable) the child runs of trials Tune does not know.
+
+    A SIGKILL can land between Tune starting a trial (its child run is created then) and Tune's next experiment
+    checkpoint; the restored experiment has no such trial, so its run would stay RUNNING forever beside the trial that
+    replaced it. Returns the retired run ids."""
+    lost, token = [], None
+    while True:
+        page = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000,
+                             page_token=token)
+        lost += [r for r in page if r.data.tags.get(TRIAL_TAG) not in trial_ids]
+        token = page.token
+        if not token:
+            break
+    for r in lost:
+        c.set_tag(r.info.run_id, "qlora.lost", LOST_NOTE)
+        if r.info.status == "RUNNING":
+            c.set_terminated(r.info.run_id, "KILLED")
+        c.delete_run(r.info.run_id)
+    return [r.info.run_id for r in lost]
+
+
 class MlflowTrialCallback(Callback):
     """Tune callback: child run per trial, a batch of metrics per result, the adapter as an artifact at the end."""
 

@@ -153,11 +153,15 @@ def train_workers(driver_pid: int) -> list[psutil.Process]:
 
 
 def tree_rss(pid: int) -> dict[int, int]:
-    """RSS of every process in the driver's tree, by pid."""
+    """RSS of the processes in the driver's tree that live through the whole search (the driver, raylet, GCS,
+    dashboard, agents), by pid. Ray's worker processes (titled `ray::...`: idle pool workers, trial actors, Train
+    controllers and workers) are left out: an idle pool worker at one sample can be the next trial's Train worker,
+    model loaded, at the next."""
     out = {}
     for p in [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True):
         try:
-            out[p.pid] = p.memory_info().rss
+            if p.pid == pid or not " ".join(p.cmdline()[:1]).startswith("ray::"):
+                out[p.pid] = p.memory_info().rss
         except psutil.Error:
             pass
     return out
@@ -226,7 +230,9 @@ def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tiny_model, s
     for tid, run in by_trial.items():
         assert run.info.status == "FINISHED"
         assert s.steps(run) == [3, 6], (tid, s.steps(run))  # not re-run, and the cut trial went on from step 3
-        assert run.data.metrics["val_f1"] == pytest.approx(trials[tid]["value"])
+        # a trial's value is its best evaluation (whose checkpoint it exports), across the kill as well
+        history = [m.value for m in c.get_metric_history(run.info.run_id, "val_f1")]
+        assert trials[tid]["value"] == pytest.approx(max(history))
     assert midway[0].data.tags["qlora.trial_id"] in by_trial and done[0].data.tags["qlora.trial_id"] in by_trial
 
     tune_dir = s.runs / "resume" / "tune"
@@ -234,7 +240,8 @@ def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tiny_model, s
     state = pickle.loads(sorted(tune_dir.glob("searcher-state-*.pkl"))[-1].read_bytes())
     study = state["_ot_study"]
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
-    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(t["value"] for t in trials.values()))
+    # (Optuna learns from each trial's last result, the run's latest val_f1)
+    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(r.data.metrics["val_f1"] for r in runs))
     # ASHA's rungs came back too: the rung at step 6 holds the trial that finished before the kill
     cb_state = pickle.loads(sorted(tune_dir.glob("callback-states-*.pkl"))[-1].read_bytes())
     sched = next(v["scheduler"] for v in cb_state.values() if isinstance(v, dict) and "scheduler" in v)
@@ -341,8 +348,8 @@ def test_killed_train_worker_retries_then_fails_visibly_and_memory_stays_flat(ti
     for tid in (t1, t2):
         assert alive([psutil.Process(p) for p in workers_seen[tid] if psutil.pid_exists(p)]) == []
     # the processes that live through the whole search (driver, raylet, GCS, dashboard, ...) do not grow: a trial
-    # leaves nothing behind in them. Per-trial processes (the next trial may be starting at a sample) are compared
-    # only by being gone, above.
+    # leaves nothing behind in them. Per-trial processes (the next trial may be starting at a sample, in a pool worker
+    # that was idle at the one before) are compared only by being gone, above.
     lasting = set(rss_after[0]) & set(rss_after[1])
     before, after = (sum(r[p] for p in lasting) for r in rss_after)
     assert after <= before + 300 * 2**20, (before / 2**20, after / 2**20)
