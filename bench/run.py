@@ -299,7 +299,8 @@ def p4(b: Bench, trials: list[dict[str, float]]) -> dict[str, Any]:
     from trainables.settings import TrialSettings
     from trainables.tasks import build_task
 
-    s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, b.args.p2_steps // b.args.p2_evals, b.args.eval_examples))
+    every = b.args.p2_steps // b.args.p2_evals
+    s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, every, b.args.eval_examples))
     tok = load_tokenizer(s.model)
     t = time.time()
     task = build_task(s, tok, cache=False)
@@ -375,6 +376,11 @@ def plots(out: Path, report: dict[str, Any]) -> list[str]:
     return made
 
 
+def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"# qlora-search benchmark, {report['started']}", "",
@@ -407,36 +413,37 @@ def markdown(report: dict[str, Any]) -> str:
                   f"trial in a 1-trial search, from Tune starting it to Tune seeing it end: before "
                   f"{bf['trial_seconds']} s (ratio {bf['ratio']}), after {a['trial_seconds']} s (ratio {a['ratio']}, "
                   f"val_f1 {a['objective']}). Fixed cost (everything but data, model load, evaluation and training): "
-                  f"bare {p['bare_fixed_seconds']} s, trial before {bf['fixed_seconds']} s, after {a['fixed_seconds']} s.",
+                  f"bare {p['bare_fixed_seconds']} s, trial before {bf['fixed_seconds']} s, "
+                  f"after {a['fixed_seconds']} s.",
                   f"The whole `search.run` command (Ray start {a['ray_start_seconds']} s, data encoded once, the "
                   f"trial, test evaluation, report): before {bf['search_command_seconds']} s, after "
                   f"{a['search_command_seconds']} s (ratio to the bare loop {a['ratio_whole_command']}).",
-                  "", "| phase | bare loop (s) | trial before (s) | trial after (s) |", "|---|---|---|---|"]
+                  ""]
         keys = list(dict.fromkeys(list(p["bare_breakdown"]) + list(a["trial_breakdown"])))
-        for k in keys:
-            lines.append(f"| {k} | {p['bare_breakdown'].get(k, '')} | {bf['trial_breakdown'].get(k, '')} | "
-                         f"{a['trial_breakdown'].get(k, '')} |")
+        lines += md_table(["phase", "bare loop (s)", "trial before (s)", "trial after (s)"],
+                          [[k, p["bare_breakdown"].get(k, ""), bf["trial_breakdown"].get(k, ""),
+                            a["trial_breakdown"].get(k, "")] for k in keys])
         lines += ["", "![P1](p1_breakdown.png)"]
     if "p2" in report:
         p = report["p2"]
-        lines += ["", "## P2, P3, P5: TPE + ASHA vs random search without early stopping", "",
-                  "| seed | best either found | TPE+ASHA: s to within 1% | random no-ES: s to within 1% | ratio |",
-                  "|---|---|---|---|---|"]
-        for c in p["seeds"]:
-            def cell(x):
-                return f"{x['seconds']:.0f}" + ("" if x["reached"] else " (never; its wall time)")
-            lines.append(f"| {c['seed']} | {c['reference_best']:.4f} | {cell(c['tpe_asha'])} | "
-                         f"{cell(c['random_fifo'])} | {c['ratio']} |")
-        lines += ["", "| search | wall (s) | best val_f1 | steps run / full | stopped early | failed |",
-                  "|---|---|---|---|---|---|"]
-        for r in p["runs"]:
-            lines.append(f"| {r['name']} | {r['wall_seconds']:.0f} | {r['best_value']} | "
-                         f"{r['steps_run']}/{r['steps_full']} | {r['stopped_early']} | {r['failed']} |")
+        def cell(x):
+            return f"{x['seconds']:.0f}" + ("" if x["reached"] else " (never; its wall time)")
+
+        lines += ["", "## P2, P3, P5: TPE + ASHA vs random search without early stopping", ""]
+        lines += md_table(["seed", "best either found", "TPE+ASHA: s to within 1%", "random no-ES: s to within 1%",
+                           "ratio"],
+                          [[c["seed"], f"{c['reference_best']:.4f}", cell(c["tpe_asha"]), cell(c["random_fifo"]),
+                            c["ratio"]] for c in p["seeds"]])
+        lines.append("")
+        lines += md_table(["search", "wall (s)", "best val_f1", "steps run / full", "stopped early", "failed"],
+                          [[r["name"], f"{r['wall_seconds']:.0f}", r["best_value"],
+                            f"{r['steps_run']}/{r['steps_full']}", r["stopped_early"], r["failed"]] for r in p["runs"]])
         lines += ["", "![P2](p2_best_so_far.png)"]
     if "p4" in report:
         p = report["p4"]
         lines += ["", "## P4: data preparation", "",
-                  f"One-time preparation without the cache (read, deduplicate, split, tokenize): {p['one_time_seconds']} s, "
+                  f"One-time preparation without the cache (read, deduplicate, split, tokenize): "
+                  f"{p['one_time_seconds']} s, "
                   f"of which tokenizing {p['one_time_tokenize_seconds']} s. Median per trial over {p['trials']} trials "
                   f"(the search encodes once into the preprocessing cache; trials read it): tokenizing "
                   f"{p['per_trial_tokenize_seconds_median']} s, data in all {p['per_trial_data_seconds_median']} s "
@@ -480,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.only or ("p1", "p2", "p4"))
     t0 = time.time()
     report: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "versions": versions(),
         "settings": vars(args), "targets": TARGETS,
     }

@@ -144,7 +144,8 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
                 "train_tokens": state.num_input_tokens_seen,
                 "data_seconds": round(t_data, 3), "model_load_seconds": round(t_model, 3),
                 "tokenize_seconds": task.stats.get("encoding", {}).get("tokenize_seconds", 0.0),
-                "eval_seconds_total": round(spent["eval"], 3), "checkpoint_seconds_total": round(spent["checkpoint"], 3),
+                "eval_seconds_total": round(spent["eval"], 3),
+                "checkpoint_seconds_total": round(spent["checkpoint"], 3),
             }
             if state.global_step == s.eval.every_steps or state.global_step >= state.max_steps:
                 out.update(task.report_stats())
