@@ -28,8 +28,10 @@ class ModelSettings(_Strict):
         description=f"Local directory, hub id (e.g. Qwen/Qwen3-0.6B), or {TINY_MODEL!r} to build the tiny local model.",
     )
     quantization: Literal["4bit", "none"] = Field("4bit", description="4bit: nf4 + double quant via bitsandbytes.")
-    dtype: Literal["bfloat16", "float32"] = Field(
-        "bfloat16", description="Compute dtype for 4bit, load dtype for none."
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="Compute dtype for 4bit, load dtype for none. auto: bfloat16 where the device computes it natively "
+        "(a CUDA GPU with bf16; a CPU with AVX-512 or AMX), else float32.",
     )
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainables import metrics as M
-from trainables.model import load_peft_model, load_tokenizer
+from trainables.model import load_peft_model, load_tokenizer, torch_dtype
 from trainables.settings import TrialSettings
 from trainables.tasks import build_task
 
@@ -50,7 +50,7 @@ def sft_config(s: TrialSettings, output_dir: str):
         disable_tqdm=os.environ.get("QLORA_VERBOSE") != "1",  # per-step bars only with search.run --verbose
         seed=s.seed,
         data_seed=s.seed,
-        bf16=on_gpu and s.model.dtype == "bfloat16",
+        bf16=on_gpu and torch_dtype(s.model.dtype) == torch.bfloat16,
         use_cpu=not on_gpu,
         completion_only_loss=True,
         max_length=None,  # examples are already cut to data.max_length without losing the completion
