@@ -32,7 +32,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/sms_spam.yaml"
-SPACE = "spaces/classification.yaml"  # P2 drops its warm-start point (`cold_space`): both strategies start cold
+SPACE = "spaces/classification.yaml"  # `--p2-space cold`: this without its warm-start point (`cold_space`)
+WIDE_SPACE = "bench/space-wide.yaml"  # P2's default: the space a user writes before knowing the model
 TARGETS = {"p1": ("<=", 1.3), "p2": (">=", 3.0), "p3": ("<=", 0.35), "p4": ("<=", 0.05), "p5": ("<=", 0.01)}
 
 
@@ -50,16 +51,17 @@ class Bench:
         self.args = args
         self.mlflow = f"sqlite:///{out / 'mlflow.db'}"
 
-    def sets(self, steps: int, every: int) -> list[str]:
+    def sets(self, steps: int, every: int, eval_examples: int) -> list[str]:
         return ["--set", f"trial.optim.max_steps={steps}", "--set", f"trial.eval.every_steps={every}",
-                "--set", f"trial.eval.max_examples={self.args.eval_examples}",
+                "--set", f"trial.eval.max_examples={eval_examples}",
                 "--set", f"output_dir={self.out / 'runs'}", "--set", f"mlflow.tracking_uri={self.mlflow}",
                 "--set", f"model_cache={ROOT / '.cache'}"]
 
-    def search(self, name: str, extra: list[str], steps: int, every: int, env: dict[str, str] | None = None
-               ) -> dict[str, Any]:
+    def search(self, name: str, extra: list[str], steps: int, every: int, env: dict[str, str] | None = None,
+               eval_examples: int | None = None) -> dict[str, Any]:
         """Run `python -m search.run` in its own process; its summary.json plus the command's wall time."""
-        cmd = [sys.executable, "-m", "search.run", "--config", CONFIG, "--name", name, *self.sets(steps, every), *extra]
+        cmd = [sys.executable, "-m", "search.run", "--config", CONFIG, "--name", name,
+               *self.sets(steps, every, eval_examples or self.args.eval_examples), *extra]
         log = self.out / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         t = time.time()
@@ -117,8 +119,23 @@ def trial_settings(steps: int, every: int, eval_examples: int) -> dict[str, Any]
 BEFORE = {"env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}, "sets": ["--set", "trial.cache_dir=''"]}
 
 
+def calibrate_p1(b: Bench, seconds: float, probe_steps: int = 12) -> int:
+    """Steps for a bare loop of about `seconds` on this machine, from a short bare run: the same trial settings, one
+    evaluation. The CPUs this benchmark meets differ several times over in speed (bench/README.md)."""
+    probe = b.bare(trial_settings(probe_steps, probe_steps, b.args.eval_examples), "p1-calibration")
+    per_step = (probe["elapsed_seconds"] - probe["data_seconds"] - probe["model_load_seconds"]
+                - probe["eval_seconds_total"]) / probe_steps
+    fixed = probe["wall_seconds"] - probe["elapsed_seconds"] + probe["data_seconds"] + probe["model_load_seconds"]
+    steps = (seconds - fixed - 3 * probe["eval_seconds_total"]) / per_step  # P1 evaluates 3 times
+    steps = max(30, 3 * round(steps / 3))
+    _say(f"P1: calibration: {per_step:.2f} s per step, {probe['eval_seconds_total']:.1f} s per evaluation, "
+         f"{fixed:.1f} s fixed -> {steps} steps for a bare loop of about {seconds:.0f} s")
+    return steps
+
+
 def p1(b: Bench) -> dict[str, Any]:
-    steps, every = b.args.p1_steps, b.args.p1_steps // 3
+    steps = b.args.p1_steps or calibrate_p1(b, b.args.p1_seconds)
+    every = steps // 3
     _say(f"P1: bare loop, {steps} steps")
     bare = b.bare(trial_settings(steps, every, b.args.eval_examples), "p1-bare")
     bare_breakdown = {
@@ -181,15 +198,14 @@ def trial_breakdown(timing: dict[str, float], trial_wall: float) -> dict[str, fl
 
 
 def best_so_far_curve(histories: dict[str, list[dict]], origin: float, mode: str) -> list[tuple[float, float]]:
-    """(seconds since `origin`, best so far) after every evaluation, judging each trial by its latest evaluation
-    (as the search picks its best adapter)."""
+    """(seconds since `origin`, best so far) after every evaluation, judging each trial by its best evaluation so
+    far (as the search picks its best adapter: each trial's best checkpoint)."""
     events = sorted((r["timestamp"], tid, r["value"]) for tid, rows in histories.items() for r in rows
                     if r["value"] is not None)
-    latest: dict[str, float] = {}
-    curve = []
-    for ts, tid, value in events:
-        latest[tid] = value
-        best = max(latest.values()) if mode == "max" else min(latest.values())
+    pick = max if mode == "max" else min
+    curve, best = [], None
+    for ts, _tid, value in events:
+        best = value if best is None else pick(best, value)
         curve.append((ts - origin, best))
     return curve
 
@@ -231,21 +247,47 @@ def cold_space(out: Path) -> Path:
     return path
 
 
+def trial_split(t: dict[str, Any]) -> tuple[float | None, float | None]:
+    """A search trial's (fixed seconds, work seconds): work is the loop itself (data, model load, evaluation,
+    training), fixed everything else from Tune starting the trial to Tune seeing it end."""
+    timing = t.get("timing") or {}
+    try:
+        wall = timing["ended_at"] - timing["started_at"]
+        phases = trial_breakdown(timing, wall)
+    except KeyError:
+        return None, None
+    work = sum(phases[k] for k in WORK)
+    return wall - work, work
+
+
+def ceiling(fixed: float, work: float, fraction: float) -> float:
+    """The P2 ratio if both strategies found the best in their last trial: random runs every trial in full
+    (fixed + work), TPE+ASHA pays the fixed cost of every trial and `fraction` of the work (P3)."""
+    return (fixed + work) / (fixed + fraction * work)
+
+
+def p2_space(b: Bench) -> Path:
+    return cold_space(b.out) if b.args.p2_space == "cold" else (ROOT / b.args.p2_space).resolve()
+
+
 def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, Any]:
     from search.report import trial_histories
 
     extra = ["--set", f"num_trials={b.args.p2_trials}", "--set", "max_concurrent_trials=2",
-             "--set", f"searcher.seed={seed}", "--set", f"space={cold_space(b.out)}",
+             "--set", f"searcher.seed={seed}", "--set", f"space={p2_space(b)}",
              "--set", f"searcher.algorithm={'tpe' if tpe_asha else 'random'}",
              "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
-    if tpe_asha and b.args.reduction_factor:
+    if b.args.p2_batch_size:
+        extra += ["--set", f"trial.optim.batch_size={b.args.p2_batch_size}"]
+    if tpe_asha:
         extra += ["--set", f"scheduler.reduction_factor={b.args.reduction_factor}"]
     steps, every = b.args.p2_steps, b.args.p2_steps // b.args.p2_evals
-    s = b.search(name, extra, steps, every)
+    s = b.search(name, extra, steps, every, eval_examples=b.args.p2_eval_examples)
     mode = s["objective"]["mode"]
     hist = trial_histories(b.out / "runs" / name, s["objective"]["metric"])
     curve = best_so_far_curve(hist, s["started_at"], mode)
     trials = s["trials"]
+    split = [(t, trial_split(t)) for t in trials]
     best = s.get("best") or {}
     best_trial = next((t for t in trials if t["trial_id"] == best.get("trial_id")), None)
     return {
@@ -256,6 +298,8 @@ def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, An
         "stopped_early": sum(bool(t["stopped_early"]) for t in trials), "failed": sum(t["status"] == "ERROR"
                                                                                      for t in trials),
         "mlflow_seconds": s["mlflow_seconds"], "search_wall_seconds": s["wall_seconds"],
+        "fixed_seconds": [f for _, (f, _w) in split if f is not None],
+        "work_seconds_full": [w for t, (_f, w) in split if w is not None and t["steps"] >= steps],
         "data": [{k: t["timing"][k] for k in ("data_seconds", "tokenize_seconds")} for t in trials
                  if {"data_seconds", "tokenize_seconds"} <= (t.get("timing") or {}).keys()],
     }
@@ -277,9 +321,18 @@ def p2(b: Bench) -> dict[str, Any]:
         runs.extend(pair.values())
     ratios = [c["ratio"] for c in per_seed if c["ratio"] is not None]
     asha = [r for r in runs if r["name"].startswith("p2-tpe_asha")]
+    fraction = sum(r["steps_run"] for r in asha) / sum(r["steps_full"] for r in asha)
+    fixed = [f for r in runs for f in r["fixed_seconds"]]
+    work = [w for r in runs if not r["name"].startswith("p2-tpe_asha") for w in r["work_seconds_full"]]
+    cost = {"fixed_seconds_median": round(statistics.median(fixed), 2) if fixed else None,
+            "work_seconds_full_median": round(statistics.median(work), 2) if work else None}
+    if fixed and work:
+        cost["ceiling"] = round(ceiling(cost["fixed_seconds_median"], cost["work_seconds_full_median"], fraction), 3)
+        cost["ceiling_without_fixed"] = round(1 / fraction, 3)
     return {
+        "trial_cost": cost,
         "seeds": per_seed, "runs": runs, "ratio_median": statistics.median(ratios) if ratios else None,
-        "p3": {"steps_fraction": round(sum(r["steps_run"] for r in asha) / sum(r["steps_full"] for r in asha), 3),
+        "p3": {"steps_fraction": round(fraction, 3),
                "per_seed": [round(r["steps_run"] / r["steps_full"], 3) for r in asha],
                "best_ever_stopped_early": any(r["best_stopped_early"] for r in asha)},
         "p5": {"mlflow_seconds": round(sum(r["mlflow_seconds"] for r in runs), 2),
@@ -300,7 +353,7 @@ def p4(b: Bench, trials: list[dict[str, float]]) -> dict[str, Any]:
     from trainables.tasks import build_task
 
     every = b.args.p2_steps // b.args.p2_evals
-    s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, every, b.args.eval_examples))
+    s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, every, b.args.p2_eval_examples))
     tok = load_tokenizer(s.model)
     t = time.time()
     task = build_task(s, tok, cache=False)
@@ -384,7 +437,9 @@ def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"# qlora-search benchmark, {report['started']}", "",
-             f"Machine: {m['cpus']} CPUs, {m['platform']}; no GPU. Versions: "
+             f"Machine: {m['cpus']} CPUs"
+             + (f" ({m['cpu']}, {m['cpu_capability']}; compute dtype {m['compute_dtype']})" if "cpu" in m else "")
+             + f", {m['platform']}; {('GPU ' + m['gpu']) if m.get('gpu') else 'no GPU'}. Versions: "
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
              f"Command: `{report['command']}`, {report['wall_seconds']:.0f} s in all.", "",
              "| figure | value | target |", "|---|---|---|"]
@@ -438,6 +493,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines += md_table(["search", "wall (s)", "best val_f1", "steps run / full", "stopped early", "failed"],
                           [[r["name"], f"{r['wall_seconds']:.0f}", r["best_value"],
                             f"{r['steps_run']}/{r['steps_full']}", r["stopped_early"], r["failed"]] for r in p["runs"]])
+        c = p.get("trial_cost") or {}
+        if c.get("ceiling"):
+            lines += ["", f"What bounds the ratio: a trial's fixed cost (Tune start to end, less data, model load, "
+                      f"evaluation and training) was {c['fixed_seconds_median']} s (median over all P2 trials); a "
+                      f"full trial's work {c['work_seconds_full_median']} s. Early stopping cuts the work to "
+                      f"{p['p3']['steps_fraction']} (P3) but not the fixed cost, so if both strategies found the best "
+                      f"in their last trial the ratio would be (fixed + work) / (fixed + P3 x work) = "
+                      f"**{c['ceiling']}** ({c['ceiling_without_fixed']} with no fixed cost). Beyond it, only "
+                      f"TPE finding the best sooner than random search counts."]
         lines += ["", "![P2](p2_best_so_far.png)"]
     if "p4" in report:
         p = report["p4"]
@@ -449,6 +513,21 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{p['per_trial_tokenize_seconds_median']} s, data in all {p['per_trial_data_seconds_median']} s "
                   f"(reading the data file, splitting, looking the token ids up in the cache)."]
     return "\n".join(lines) + "\n"
+
+
+def machine() -> dict[str, Any]:
+    """What decides this machine's speed here: CPUs, the CPU's vector extensions, and the compute dtype that
+    `model.dtype: auto` resolves to on it (bf16 only where the CPU has native bf16 kernels)."""
+    import torch
+
+    from trainables.model import auto_dtype
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "compute_dtype": auto_dtype(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def versions() -> dict[str, str]:
@@ -469,14 +548,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="Report directory (default: bench/results/<time>).")
     ap.add_argument("--only", nargs="+", choices=("p1", "p2", "p4"), help="Run only these parts (P3 and P5 come "
                     "with P2).")
-    ap.add_argument("--p1-steps", type=int, default=480, help="Steps of the P1 trial (default: a bare loop of "
-                    "about 2 minutes on 2 CPUs).")
-    ap.add_argument("--p2-steps", type=int, default=90)
-    ap.add_argument("--p2-trials", type=int, default=8)
+    ap.add_argument("--p1-steps", type=int, help="Steps of the P1 trial (default: as many as make the bare loop "
+                    "last --p1-seconds on this machine, from a short calibration run).")
+    ap.add_argument("--p1-seconds", type=float, default=120.0, help="Bare-loop length P1 calibrates to.")
+    # P2's defaults fit 3 seeds of both strategies into about 25 minutes on 2 AVX2 cores (bench/README.md)
+    ap.add_argument("--p2-steps", type=int, default=24)
+    ap.add_argument("--p2-space", default=WIDE_SPACE, help=f"P2's search space (default {WIDE_SPACE}); 'cold': "
+                    f"{SPACE} without its warm-start point.")
+    ap.add_argument("--p2-batch-size", type=int, default=8, help="Training batch size of P2's trials.")
+    ap.add_argument("--p2-trials", type=int, default=12)
     ap.add_argument("--p2-seeds", type=int, default=3)
-    ap.add_argument("--p2-evals", type=int, default=3, help="Evaluations per P2 trial (ASHA's rungs).")
-    ap.add_argument("--reduction-factor", type=float, help="ASHA's reduction factor in P2 (default: the config's, 2).")
-    ap.add_argument("--eval-examples", type=int, default=256, help="Validation examples per evaluation.")
+    ap.add_argument("--p2-evals", type=int, default=6, help="Evaluations per P2 trial (ASHA's rungs: 1, 3).")
+    ap.add_argument("--p2-eval-examples", type=int, default=64, help="Validation examples per P2 evaluation.")
+    ap.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor in P2.")
+    ap.add_argument("--eval-examples", type=int, default=256, help="Validation examples per P1 evaluation.")
     ap.add_argument("--redraw", metavar="DIR", help="Only redraw the plots and report.md of an earlier run in DIR.")
     args = ap.parse_args(argv)
     if args.redraw:
@@ -489,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "versions": versions(),
+        "machine": machine(), "versions": versions(),
         "settings": vars(args), "targets": TARGETS,
     }
     b = Bench(out, args)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from bench.run import best_so_far_curve, compare, time_to_reach, trial_breakdown, within
+from bench.run import best_so_far_curve, ceiling, compare, time_to_reach, trial_breakdown, trial_split, within
 
 
-def test_best_so_far_judges_each_trial_by_its_latest_evaluation():
+def test_best_so_far_judges_each_trial_by_its_best_evaluation():
     hist = {"a": [{"timestamp": 110.0, "value": 0.5}, {"timestamp": 130.0, "value": 0.9}],
             "b": [{"timestamp": 120.0, "value": 0.7}, {"timestamp": 140.0, "value": None}]}
     assert best_so_far_curve(hist, origin=100.0, mode="max") == [(10.0, 0.5), (20.0, 0.7), (30.0, 0.9)]
-    # a trial that falls is no longer the best at its latest evaluation
+    # a trial that falls keeps its best checkpoint, which the search would export
     hist = {"a": [{"timestamp": 1.0, "value": 0.9}, {"timestamp": 3.0, "value": 0.2}],
             "b": [{"timestamp": 2.0, "value": 0.5}]}
-    assert best_so_far_curve(hist, origin=0.0, mode="max") == [(1.0, 0.9), (2.0, 0.9), (3.0, 0.5)]
+    assert best_so_far_curve(hist, origin=0.0, mode="max") == [(1.0, 0.9), (2.0, 0.9), (3.0, 0.9)]
     assert best_so_far_curve(hist, origin=0.0, mode="min") == [(1.0, 0.9), (2.0, 0.5), (3.0, 0.2)]
 
 
@@ -43,3 +43,15 @@ def test_trial_breakdown_accounts_for_the_whole_trial():
     assert parts["worker group start"] == 4.5 and parts["training"] == pytest.approx(49.0)
     assert parts["shutdown + result"] == pytest.approx(2.0)  # 71 - (0.5 + 1 + 4.5 + 3 + 60)
     assert sum(v for k, v in parts.items() if not k.startswith("mlflow")) == pytest.approx(71.0)
+
+
+def test_fixed_cost_split_and_the_ceiling_it_sets():
+    timing = {"started_at": 100.0, "trial_entered_at": 100.5, "fit_at": 101.5, "worker_started_at": 106.0,
+              "imports_seconds": 3.0, "data_seconds": 0.1, "model_load_seconds": 0.4, "eval_seconds_total": 10.0,
+              "checkpoint_seconds_total": 0.5, "elapsed_seconds": 60.0, "ended_at": 171.0}
+    fixed, work = trial_split({"timing": timing})
+    # work: data 0.1 + model 0.4 + eval 10 + training 49 (60 - 0.1 - 0.4 - 10 - 0.5); the rest of 71 s is fixed
+    assert work == pytest.approx(59.5) and fixed == pytest.approx(11.5)
+    assert trial_split({"timing": {}}) == (None, None) and trial_split({}) == (None, None)
+    # 10 s fixed + 30 s work; ASHA runs a third of the work: (10 + 30) / (10 + 10) = 2; no fixed cost: 3
+    assert ceiling(10.0, 30.0, 1 / 3) == pytest.approx(2.0) and ceiling(0.0, 30.0, 1 / 3) == pytest.approx(3.0)
