@@ -61,7 +61,8 @@ class Bench:
                eval_examples: int | None = None) -> dict[str, Any]:
         """Run `python -m search.run` in its own process; its summary.json plus the command's wall time."""
         cmd = [sys.executable, "-m", "search.run", "--config", CONFIG, "--name", name,
-               *self.sets(steps, every, eval_examples or self.args.eval_examples), *extra]
+               *self.sets(steps, every, eval_examples or self.args.eval_examples), "--set", "test_evaluation=false",
+               *extra]
         log = self.out / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         t = time.time()
@@ -119,7 +120,7 @@ def trial_settings(steps: int, every: int, eval_examples: int) -> dict[str, Any]
 BEFORE = {"env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}, "sets": ["--set", "trial.cache_dir=''"]}
 
 
-def calibrate_p1(b: Bench, seconds: float, probe_steps: int = 12) -> int:
+def calibrate_p1(b: Bench, seconds: float, probe_steps: int = 8) -> int:
     """Steps for a bare loop of about `seconds` on this machine, from a short bare run: the same trial settings, one
     evaluation. The CPUs this benchmark meets differ several times over in speed (bench/README.md)."""
     probe = b.bare(trial_settings(probe_steps, probe_steps, b.args.eval_examples), "p1-calibration")
@@ -396,7 +397,7 @@ def plots(out: Path, report: dict[str, Any]) -> list[str]:
             ax.step(xs, ys, style, where="post", color=color,
                     label=f"{'TPE+ASHA' if style == '-' else 'random, no ES'} seed {r['seed']}")
         ax.set_xlabel("wall time since the search command started (s)")
-        ax.set_ylabel("best val_f1 so far (latest evaluation per trial)")
+        ax.set_ylabel("best val_f1 so far (best evaluation per trial)")
         ax.set_title("P2: best so far vs wall time (solid: TPE + ASHA, dashed: random without early stopping)")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -471,8 +472,8 @@ def markdown(report: dict[str, Any]) -> str:
                   f"bare {p['bare_fixed_seconds']} s, trial before {bf['fixed_seconds']} s, "
                   f"after {a['fixed_seconds']} s.",
                   f"The whole `search.run` command (Ray start {a['ray_start_seconds']} s, data encoded once, the "
-                  f"trial, test evaluation, report): before {bf['search_command_seconds']} s, after "
-                  f"{a['search_command_seconds']} s (ratio to the bare loop {a['ratio_whole_command']}).",
+                  f"trial, report; the benchmark turns the test evaluation off): before "
+                  f"{bf['search_command_seconds']} s, after {a['search_command_seconds']} s (ratio to the bare loop {a['ratio_whole_command']}).",
                   ""]
         keys = list(dict.fromkeys(list(p["bare_breakdown"]) + list(a["trial_breakdown"])))
         lines += md_table(["phase", "bare loop (s)", "trial before (s)", "trial after (s)"],
@@ -551,17 +552,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p1-steps", type=int, help="Steps of the P1 trial (default: as many as make the bare loop "
                     "last --p1-seconds on this machine, from a short calibration run).")
     ap.add_argument("--p1-seconds", type=float, default=120.0, help="Bare-loop length P1 calibrates to.")
-    # P2's defaults fit 3 seeds of both strategies into about 25 minutes on 2 AVX2 cores (bench/README.md)
-    ap.add_argument("--p2-steps", type=int, default=24)
+    # The defaults fit the whole benchmark into 40 minutes on 2 AVX2 cores, where a training step of the tiny model
+    # takes about 2 s and evaluating 256 messages 36 s (bench/README.md): P2's trials are then short
+    ap.add_argument("--p2-steps", type=int, default=8)
     ap.add_argument("--p2-space", default=WIDE_SPACE, help=f"P2's search space (default {WIDE_SPACE}); 'cold': "
                     f"{SPACE} without its warm-start point.")
-    ap.add_argument("--p2-batch-size", type=int, default=8, help="Training batch size of P2's trials.")
-    ap.add_argument("--p2-trials", type=int, default=12)
+    ap.add_argument("--p2-batch-size", type=int, help="Training batch size of P2's trials (default: the config's).")
+    ap.add_argument("--p2-trials", type=int, default=8)
     ap.add_argument("--p2-seeds", type=int, default=3)
-    ap.add_argument("--p2-evals", type=int, default=6, help="Evaluations per P2 trial (ASHA's rungs: 1, 3).")
-    ap.add_argument("--p2-eval-examples", type=int, default=64, help="Validation examples per P2 evaluation.")
+    ap.add_argument("--p2-evals", type=int, default=2, help="Evaluations per P2 trial (ASHA's rungs).")
+    ap.add_argument("--p2-eval-examples", type=int, default=32, help="Validation examples per P2 evaluation.")
     ap.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor in P2.")
-    ap.add_argument("--eval-examples", type=int, default=256, help="Validation examples per P1 evaluation.")
+    ap.add_argument("--eval-examples", type=int, default=128, help="Validation examples per P1 evaluation.")
     ap.add_argument("--redraw", metavar="DIR", help="Only redraw the plots and report.md of an earlier run in DIR.")
     args = ap.parse_args(argv)
     if args.redraw:

@@ -64,6 +64,9 @@ class ExperimentConfig(_Strict):
     max_concurrent_trials: int = Field(2, gt=0)
     resources: ResourceSettings = ResourceSettings()
     max_failures: int = Field(2, ge=0, description="Retries of a trial's Train workers from their last checkpoint.")
+    test_evaluation: bool = Field(True, description="Evaluate the best adapter on the held-out test split when the "
+                                  "search ends (the whole split: minutes on a CPU). false: skip it, e.g. to compare "
+                                  "search strategies by their validation objective alone (bench/run.py).")
     trainable: str = Field("trainables.ray_trainable:run_trial", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                            description="module:function of the Tune trainable each trial runs; "
                            "trainables.standin:run_trial is a fast stand-in for rehearsing the machinery.")

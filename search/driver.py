@@ -418,7 +418,7 @@ def finalize(cfg, c, exp_id, parent, trials, best, plan, wall, mlflow_seconds,
         tracking.copy_adapter(best["checkpoint"], adapter_dir)
         module = load_trainable(cfg.trainable).__module__
         test = evaluate_on_test(str(adapter_dir), plan["per_trial"],
-                                getattr(sys.modules[module], "test_metrics", None))
+                                getattr(sys.modules[module], "test_metrics", None)) if cfg.test_evaluation else {}
         run_id = tracking.find_child_run(c, exp_id, parent, best["trial_id"])
         if run_id:
             c.log_batch(run_id, metrics=[_metric(k, v) for k, v in test.items()])
