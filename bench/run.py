@@ -473,7 +473,8 @@ def markdown(report: dict[str, Any]) -> str:
                   f"after {a['fixed_seconds']} s.",
                   f"The whole `search.run` command (Ray start {a['ray_start_seconds']} s, data encoded once, the "
                   f"trial, report; the benchmark turns the test evaluation off): before "
-                  f"{bf['search_command_seconds']} s, after {a['search_command_seconds']} s (ratio to the bare loop {a['ratio_whole_command']}).",
+                  f"{bf['search_command_seconds']} s, after {a['search_command_seconds']} s (ratio to the bare loop "
+                  f"{a['ratio_whole_command']}).",
                   ""]
         keys = list(dict.fromkeys(list(p["bare_breakdown"]) + list(a["trial_breakdown"])))
         lines += md_table(["phase", "bare loop (s)", "trial before (s)", "trial after (s)"],
