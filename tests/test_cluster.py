@@ -263,8 +263,16 @@ def cluster_search(fake_cluster, mlflow_server, tiny_model, sms_subset, tmp_path
         "trial.eval.every_steps=3", "trial.eval.max_examples=24", "trial.data.max_length=96",
         "scheduler.grace_period=2")
     t0 = time.time()
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "RAY_AUTH_MODE": "token"})
+    try:
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "RAY_AUTH_MODE": "token"})
+    except subprocess.TimeoutExpired as e:  # say where the search stood, and what the autoscaler last saw
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        monitor = fake_cluster.monitor_log()
+        tail = monitor.read_text(errors="replace")[-2500:] if monitor.is_file() else "(no monitor.log)"
+        pytest.fail(f"search still running after 900 s\n--- stdout ---\n{out[-4000:]}\n--- stderr ---\n"
+                    f"{err[-2000:]}\n--- autoscaler monitor.log ---\n{tail}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"work": work, "uri": uri, "stdout": proc.stdout, "seconds": time.time() - t0}
 
