@@ -553,8 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p1-steps", type=int, help="Steps of the P1 trial (default: as many as make the bare loop "
                     "last --p1-seconds on this machine, from a short calibration run).")
     ap.add_argument("--p1-seconds", type=float, default=120.0, help="Bare-loop length P1 calibrates to.")
-    # The defaults fit the whole benchmark into 40 minutes on 2 AVX2 cores, where a training step of the tiny model
-    # takes about 2 s and evaluating 256 messages 36 s (bench/README.md): P2's trials are then short
+    # P2's defaults were cut towards 40 minutes on 2 AVX2 cores (a training step of the tiny model about 1.4 s, an
+    # evaluation of 128 messages 15 s) and are too short to learn there: every 8-step trial scored 0.0
+    # (bench/README.md). On such a machine, give P2 a larger budget than 40 minutes.
     ap.add_argument("--p2-steps", type=int, default=8)
     ap.add_argument("--p2-space", default=WIDE_SPACE, help=f"P2's search space (default {WIDE_SPACE}); 'cold': "
                     f"{SPACE} without its warm-start point.")
