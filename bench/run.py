@@ -278,8 +278,6 @@ def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, An
              "--set", f"searcher.seed={seed}", "--set", f"space={p2_space(b)}",
              "--set", f"searcher.algorithm={'tpe' if tpe_asha else 'random'}",
              "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
-    if b.args.p2_batch_size:
-        extra += ["--set", f"trial.optim.batch_size={b.args.p2_batch_size}"]
     if tpe_asha:
         extra += ["--set", f"scheduler.reduction_factor={b.args.reduction_factor}"]
     steps, every = b.args.p2_steps, b.args.p2_steps // b.args.p2_evals
@@ -524,9 +522,10 @@ def machine() -> dict[str, Any]:
 
     from trainables.model import auto_dtype
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
-        platform.processor()
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
+             if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor()
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "compute_dtype": auto_dtype(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
@@ -559,7 +558,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p2-steps", type=int, default=8)
     ap.add_argument("--p2-space", default=WIDE_SPACE, help=f"P2's search space (default {WIDE_SPACE}); 'cold': "
                     f"{SPACE} without its warm-start point.")
-    ap.add_argument("--p2-batch-size", type=int, help="Training batch size of P2's trials (default: the config's).")
     ap.add_argument("--p2-trials", type=int, default=8)
     ap.add_argument("--p2-seeds", type=int, default=3)
     ap.add_argument("--p2-evals", type=int, default=2, help="Evaluations per P2 trial (ASHA's rungs).")

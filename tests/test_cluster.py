@@ -267,8 +267,7 @@ def cluster_search(fake_cluster, mlflow_server, tiny_model, sms_subset, tmp_path
         proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900,
                               env={**os.environ, "RAY_AUTH_MODE": "token"})
     except subprocess.TimeoutExpired as e:  # say where the search stood, and what the autoscaler last saw
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        out, err = (s.decode(errors="replace") if isinstance(s, bytes) else (s or "") for s in (e.stdout, e.stderr))
         monitor = fake_cluster.monitor_log()
         tail = monitor.read_text(errors="replace")[-2500:] if monitor.is_file() else "(no monitor.log)"
         pytest.fail(f"search still running after 900 s\n--- stdout ---\n{out[-4000:]}\n--- stderr ---\n"
