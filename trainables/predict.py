@@ -21,37 +21,51 @@ class Classifier:
         self.batch_size = batch_size
 
     def label_scores(self, texts: Sequence[str]):
-        """[len(texts), n_labels] tensor: summed log-probability of each label's completion tokens."""
+        """[len(texts), n_labels] tensor: summed log-probability of each label's completion tokens.
+
+        Each prompt runs through the model once: its key/value cache is kept, and each label's completion tokens run
+        on top of it (the cache cropped back to the prompt after each label). Prompts are left-padded in a batch,
+        with position ids that skip the padding, so a row scores exactly as it would alone."""
         import torch
 
-        labels = self.fmt.labels
+        comps = [self.fmt.completion_ids[label] for label in self.fmt.labels]
+        prompts = [self.fmt.prompt_ids(text)[0] for text in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+        scores = torch.zeros(len(texts), len(comps), dtype=torch.float64)
         pad = self.fmt.tok.pad_token_id
-        seqs = []  # (text index, label index, prompt length, ids)
-        for i, text in enumerate(texts):
-            p, _ = self.fmt.prompt_ids(text)
-            for j, label in enumerate(labels):
-                seqs.append((i, j, len(p), p + self.fmt.completion_ids[label]))
-        order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][3]))  # similar lengths batch together
-        scores = torch.zeros(len(texts), len(labels), dtype=torch.float64)
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
                 for start in range(0, len(order), self.batch_size):
-                    batch = [seqs[k] for k in order[start : start + self.batch_size]]
-                    width = max(len(s[3]) for s in batch)
-                    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(batch), width), dtype=torch.long)
-                    for r, (_, _, _, s) in enumerate(batch):
-                        ids[r, : len(s)] = torch.tensor(s)
-                        mask[r, : len(s)] = 1
-                    logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-                    for r, (i, j, plen, s) in enumerate(batch):
-                        # token t is predicted by position t-1; score only the completion tokens
-                        pos = torch.arange(plen, len(s))
-                        scores[i, j] = logp[r, pos - 1, torch.tensor(s[plen:])].double().sum()
+                    rows = order[start : start + self.batch_size]
+                    width = max(len(prompts[i]) for i in rows)
+                    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+                    mask = torch.zeros((len(rows), width), dtype=torch.long)
+                    for r, i in enumerate(rows):
+                        ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                        mask[r, width - len(prompts[i]) :] = 1
+                    positions = (mask.cumsum(1) - 1).clamp(min=0)
+                    lengths = mask.sum(1, keepdim=True)
+                    out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+                    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # predicts completion token 0
+                    cache = out.past_key_values
+                    for j, c in enumerate(comps):
+                        score = first[:, c[0]].double()
+                        if len(c) > 1:  # completion tokens 1.. are predicted from the prompt and tokens 0..L-2
+                            n = len(c) - 1
+                            step_ids = torch.tensor(c[:-1]).expand(len(rows), n)
+                            step_mask = torch.cat([mask, torch.ones(len(rows), n, dtype=torch.long)], dim=1)
+                            step_pos = lengths + torch.arange(n)
+                            logits = self.model(input_ids=step_ids.to(device), attention_mask=step_mask.to(device),
+                                                position_ids=step_pos.to(device), past_key_values=cache,
+                                                use_cache=True).logits
+                            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+                            score = score + logp[:, torch.arange(n), torch.tensor(c[1:])].double().sum(1)
+                            cache.crop(-n)
+                        scores[rows, j] = score
         finally:
             if was_training:
                 self.model.train()
@@ -65,7 +79,9 @@ class Classifier:
         return [self.fmt.labels[b] for b in best]
 
     def evaluate(self, examples: list[Example], positive: str) -> dict[str, float]:
-        """Precision/recall/F1 of `positive`. Under torch.distributed each rank scores a shard and counts are summed."""
+        """Precision/recall/F1 of `positive`, and `loss`: the mean negative log-likelihood per answer token of the
+        gold answers (what SFT's completion-only eval loss measures), from the same scores. Under torch.distributed
+        each rank scores a shard and the sums are reduced."""
         import torch
         import torch.distributed as dist
 
@@ -73,15 +89,19 @@ class Classifier:
         if dist.is_available() and dist.is_initialized():
             rank, world = dist.get_rank(), dist.get_world_size()
         shard = examples[rank::world]
-        preds = self.predict([t for t, _ in shard])
+        scores = self.label_scores([t for t, _ in shard]) if shard else torch.zeros(0, len(self.fmt.labels))
+        preds = [self.fmt.labels[b] for b in scores.argmax(dim=1).tolist()]
+        gold = [self.fmt.labels.index(y) for _, y in shard]
+        nll = -sum(scores[r, g].item() for r, g in enumerate(gold))
+        tokens = sum(len(self.fmt.completion_ids[y]) for _, y in shard)
         tp = sum(1 for (_, y), p in zip(shard, preds) if y == positive and p == positive)
         fp = sum(1 for (_, y), p in zip(shard, preds) if y != positive and p == positive)
         fn = sum(1 for (_, y), p in zip(shard, preds) if y == positive and p != positive)
         if world > 1:
-            counts = torch.tensor([tp, fp, fn], dtype=torch.float64)
-            dist.all_reduce(counts)
-            tp, fp, fn = counts.tolist()
-        return prf_from_counts(tp, fp, fn)
+            sums = torch.tensor([tp, fp, fn, nll, tokens], dtype=torch.float64)
+            dist.all_reduce(sums)
+            tp, fp, fn, nll, tokens = sums.tolist()
+        return {**prf_from_counts(tp, fp, fn), "loss": nll / tokens if tokens else float("nan")}
 
 
 def load_classifier(adapter_dir: str | Path) -> Classifier:

@@ -62,26 +62,36 @@ def sft_config(s: TrialSettings, output_dir: str):
     )
 
 
-def sft_trainer_class(trainable_tokens: bool):
-    """TRL's SFTTrainer, or for models with trainable token rows a subclass whose loss comes from the model's own
-    forward (full logits).
+def sft_trainer_class(trainable_tokens: bool, own_eval_loss: bool = False):
+    """TRL's SFTTrainer, adapted where the task needs it.
 
-    TRL computes the loss through a fused LM head that multiplies by `lm_head.weight` directly. With tied embeddings,
-    PEFT's TrainableTokens wraps the head too, and the fused path would bypass the new tokens' trained rows (and
-    fails on the wrapper); the model's own forward applies them, at training exactly as at generation."""
+    `trainable_tokens`: the loss comes from the model's own forward (full logits). TRL computes the loss through a
+    fused LM head that multiplies by `lm_head.weight` directly. With tied embeddings, PEFT's TrainableTokens wraps the
+    head too, and the fused path would bypass the new tokens' trained rows (and fails on the wrapper); the model's
+    own forward applies them, at training exactly as at generation.
+    `own_eval_loss`: the task's evaluator reports the eval loss itself (classification: from the label scores it
+    computes anyway), so an evaluation skips the trainer's loss pass over the eval set and only runs the callbacks."""
     from transformers import Trainer
     from trl import SFTTrainer
 
-    if not trainable_tokens:
-        return SFTTrainer
+    base = SFTTrainer
+    if trainable_tokens:
+        class TrainableTokensSFTTrainer(SFTTrainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                inputs["use_cache"] = False
+                return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
 
-    class TrainableTokensSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs["use_cache"] = False
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+        base = TrainableTokensSFTTrainer
+    if not own_eval_loss:
+        return base
 
-    return TrainableTokensSFTTrainer
+    class OwnEvalLossSFTTrainer(base):
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, {})
+            return {}
+
+    return OwnEvalLossSFTTrainer
 
 
 def import_stack() -> None:
@@ -134,8 +144,8 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
             out = {
                 M.STEP: state.global_step,
                 "epoch": round(state.epoch or 0.0, 4),
-                **scores,
                 M.EVAL_LOSS: (metrics or {}).get("eval_loss", float("nan")),
+                **scores,
                 "train_loss": losses[-1] if losses else float("nan"),
                 "learning_rate": next((h["learning_rate"] for h in reversed(state.log_history)
                                        if "learning_rate" in h), s.optim.learning_rate),
@@ -163,7 +173,7 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
 
     train_ds = Dataset.from_dict(task.train_cols)
     val_ds = Dataset.from_dict(task.val_cols)
-    trainer_cls = sft_trainer_class(bool(task.new_tokens))
+    trainer_cls = sft_trainer_class(bool(task.new_tokens), own_eval_loss=task.reports_eval_loss)
     with tempfile.TemporaryDirectory(prefix="qlora-sft-") as scratch:
         trainer = trainer_cls(
             model=model,

@@ -41,6 +41,7 @@ def encoding_stats(fmt) -> dict[str, float]:
 
 class ClassificationTask:
     new_tokens: list[str] = []
+    reports_eval_loss = True  # the evaluator's label scores give the eval loss: the trainer's own pass is skipped
 
     def __init__(self, s: TrialSettings, tokenizer):
         from trainables.data import ChatFormatter, load_splits
@@ -70,13 +71,15 @@ class ClassificationTask:
         def evaluate() -> dict[str, float]:
             nat = classifier.evaluate(val, positive)
             b = classifier.evaluate(bal, positive)
-            return {M.F1: nat["f1"], M.PRECISION: nat["precision"], M.RECALL: nat["recall"],
+            return {M.F1: nat["f1"], M.PRECISION: nat["precision"], M.RECALL: nat["recall"], M.EVAL_LOSS: nat["loss"],
                     M.F1_BALANCED: b["f1"], "val_bal_precision": b["precision"], "val_bal_recall": b["recall"]}
 
         return evaluate
 
 
 class StyleTask:
+    reports_eval_loss = False  # generation metrics only: the trainer's eval pass gives the eval loss
+
     def __init__(self, s: TrialSettings, tokenizer):
         from trainables.style import STYLE_TOKENS, StyleFormatter, add_style_tokens, load_style_splits
 
