@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -26,6 +26,9 @@ class SchedulerSettings(_Strict):
     type: Literal["asha", "none"] = "asha"
     grace_period: int = Field(1, gt=0, description="Evaluation rounds every trial gets before ASHA may stop it.")
     reduction_factor: float = Field(2.0, gt=1)
+    tie_break: Optional[Literal["eval_loss"]] = Field(
+        M.EVAL_LOSS, description="Order trials whose objective ties at a rung by this metric (lower is better), so "
+        "ASHA can stop some of them; null: Ray's ASHA as is, which keeps every trial tied at the rung's cutoff.")
 
 
 class SearcherSettings(_Strict):

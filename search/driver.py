@@ -161,7 +161,8 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
     # trial that trains to the end returns from fit() by itself (and releases its workers cleanly) instead of being
     # stopped by the scheduler at its last report.
     scheduler = (ASHA(time_attr="step", max_t=cfg.trial.optim.max_steps + every,
-                      grace_period=cfg.scheduler.grace_period * every, reduction_factor=cfg.scheduler.reduction_factor)
+                      grace_period=cfg.scheduler.grace_period * every, reduction_factor=cfg.scheduler.reduction_factor,
+                      tie_break=cfg.scheduler.tie_break)
                  if cfg.scheduler.type == "asha" else FIFO())
     for cb in callbacks:
         if isinstance(cb, SearchState):

@@ -1,0 +1,63 @@
+"""ASHA's tie-break: trials tied at a rung's cutoff (every F1-0 trial) are ordered by eval loss, so some are stopped."""
+
+from types import SimpleNamespace
+
+import pytest
+from ray.tune.schedulers import TrialScheduler
+
+from search.config import load_config
+from search.resilience import ASHA
+
+
+def rung_decisions(tie_break):
+    """Six trials reach the first rung (step 10) in turn; what ASHA decides for each, by trial name."""
+    asha = ASHA(time_attr="step", metric="val_f1", mode="max", max_t=40, grace_period=10, reduction_factor=3,
+                tie_break=tie_break)
+    arrivals = [("a", 0.0, 1.0), ("b", 0.0, 2.0), ("c", 0.0, 3.0), ("d", 0.5, 0.5), ("e", 0.0, 0.5), ("f", 0.0, 4.0)]
+    out = {}
+    for name, f1, loss in arrivals:
+        trial = SimpleNamespace(trial_id=name)
+        asha.on_trial_add(None, trial)
+        out[name] = asha.on_trial_result(None, trial, {"step": 10, "val_f1": f1, "eval_loss": loss})
+    return out
+
+
+def test_ray_asha_alone_never_stops_a_trial_tied_at_zero():
+    # by the time e and f arrive, 3 of 4 recorded scores are 0: the 2/3 quantile is 0, and 0 < 0 is false
+    assert set(rung_decisions(None).values()) == {TrialScheduler.CONTINUE}
+
+
+def test_tie_break_stops_the_tied_trial_with_the_higher_eval_loss():
+    d = rung_decisions("eval_loss")
+    assert d["a"] == d["d"] == TrialScheduler.CONTINUE  # the first to arrive; the one trial above 0
+    assert d["b"] == d["c"] == TrialScheduler.STOP  # F1 0 like a, with a higher loss than a's
+    # when e and f arrive, a, b, c (F1 0, losses 1, 2, 3) and d (0.5) are recorded: the cutoff is a's nudged value
+    assert d["e"] == TrialScheduler.CONTINUE  # F1 0 with loss 0.5: better than a
+    assert d["f"] == TrialScheduler.STOP  # F1 0 with loss 4: below the cutoff
+
+
+def test_tie_break_never_reorders_different_objective_values():
+    asha = ASHA(time_attr="step", metric="val_f1", mode="max", max_t=40, grace_period=10, reduction_factor=2,
+                tie_break="eval_loss")
+    for name, f1, loss in [("a", 0.30, 1e9), ("b", 0.30001, 1e9)]:
+        trial = SimpleNamespace(trial_id=name)
+        asha.on_trial_add(None, trial)
+        asha.on_trial_result(None, trial, {"step": 10, "val_f1": f1, "eval_loss": loss})
+    trial = SimpleNamespace(trial_id="c")
+    asha.on_trial_add(None, trial)
+    # 0.30002 with the lowest loss vs 0.30001 with a huge one: the objective alone decides (the nudge is < 1e-6)
+    assert asha.on_trial_result(None, trial, {"step": 10, "val_f1": 0.30002, "eval_loss": 0.0}) == "CONTINUE"
+    rec = asha._brackets[0]._rungs[-1][1]
+    assert rec["a"] < rec["b"] < rec["c"] and rec["b"] == pytest.approx(0.30001, abs=1e-6)
+
+
+def test_min_mode_nudges_upward():
+    asha = ASHA(time_attr="step", metric="eval_loss", mode="min", tie_break="eval_loss")
+    assert asha._ranked({"eval_loss": 2.0}) == {"eval_loss": 2.0}  # the objective itself: nothing to break
+    asha2 = ASHA(time_attr="step", metric="val_len_terse", mode="min", tie_break="eval_loss")
+    assert asha2._ranked({"val_len_terse": 3.0, "eval_loss": 1.0})["val_len_terse"] > 3.0
+
+
+def test_config_default_and_off(tmp_path):
+    assert load_config("configs/sms_spam.yaml", []).scheduler.tie_break == "eval_loss"
+    assert load_config("configs/sms_spam.yaml", ["scheduler.tie_break=null"]).scheduler.tie_break is None
