@@ -19,6 +19,14 @@ def alone(model, prompt: list[int], completion: list[int]) -> float:
     return sum(logp[len(prompt) + k - 1, t].item() for k, t in enumerate(completion))
 
 
+def give_adapters_an_effect(model, seed: int) -> None:
+    """LoRA B starts at zero, which would make the adapters score nothing: draw it at random."""
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+
+
 @pytest.mark.parametrize("label_map", [
     {"ham": "ham", "spam": "spam"},  # the default answers
     {"ham": "an ordinary message from a person", "spam": "spam"},  # answers of different lengths
@@ -28,10 +36,7 @@ def test_cached_scores_equal_scoring_each_sequence_alone(tiny_model, sms_subset,
                              "model.dtype": "float32", "data.label_map": label_map, "data.max_length": 96})
     tok = load_tokenizer(s.model)
     model = load_peft_model(s.model, s.lora)
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():  # LoRA B starts at zero: give the adapters an effect to score
-        if "lora_B" in name:
-            p.data.normal_(0, 0.2)
+    give_adapters_an_effect(model, seed=0)
     model.eval()
     fmt = ChatFormatter(tok, s.data)
     texts = [t for t, _ in load_splits(s.data, seed=0).val[:13]]
@@ -61,10 +66,7 @@ def test_eval_loss_from_label_scores_equals_the_trainers_eval_loss(fast_settings
     tok = load_tokenizer(s.model)
     task = build_task(s, tok)
     model = load_peft_model(s.model, s.lora)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.2)
+    give_adapters_an_effect(model, seed=1)
     val = task.splits.val[: s.eval.max_examples]
     assert len(val) <= s.eval.batch_size  # one eval batch: the trainer's mean is over all answer tokens at once
     trainer = SFTTrainer(model=model, args=sft_config(s, str(tmp_path)), processing_class=tok,

@@ -89,7 +89,7 @@ class Classifier:
         if dist.is_available() and dist.is_initialized():
             rank, world = dist.get_rank(), dist.get_world_size()
         shard = examples[rank::world]
-        scores = self.label_scores([t for t, _ in shard]) if shard else torch.zeros(0, len(self.fmt.labels))
+        scores = self.label_scores([t for t, _ in shard])  # [0, n_labels] for an empty shard
         preds = [self.fmt.labels[b] for b in scores.argmax(dim=1).tolist()]
         gold = [self.fmt.labels.index(y) for _, y in shard]
         nll = -sum(scores[r, g].item() for r, g in enumerate(gold))
