@@ -37,6 +37,25 @@ WIDE_SPACE = "bench/space-wide.yaml"  # P2's default: the space a user writes be
 TARGETS = {"p1": ("<=", 1.3), "p2": (">=", 3.0), "p3": ("<=", 0.35), "p4": ("<=", 0.05), "p5": ("<=", 0.01)}
 
 
+def cpu_times() -> tuple[float, float] | None:
+    """(steal, total) CPU jiffies since boot from /proc/stat (Linux), or None elsewhere."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0.0), sum(fields[:8])
+
+
+def steal_since(start: tuple[float, float] | None) -> float | None:
+    """The share of CPU time the hypervisor gave to other guests since `start` (top's "st"). A shared virtual
+    machine can lose a third of its CPU this way, and unevenly over time: the benchmark reports it beside each
+    timing, since it moves the figures more than anything measured here."""
+    end = cpu_times()
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return round((end[0] - start[0]) / (end[1] - start[1]), 3)
+
+
 def _say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -65,16 +84,17 @@ class Bench:
                *extra]
         log = self.out / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        t = time.time()
+        t, cpu = time.time(), cpu_times()
         with open(log, "w") as fh:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}).returncode
-        wall = time.time() - t
+        wall, steal = time.time() - t, steal_since(cpu)
         summary_path = self.out / "runs" / name / "summary.json"
         if rc != 0 or not summary_path.is_file():
             raise RuntimeError(f"search {name} failed (exit {rc}); see {log}")
         summary = json.loads(summary_path.read_text())
         summary["command_seconds"] = round(wall, 2)
+        summary["cpu_steal"] = steal
         summary["started_at"] = t
         return summary
 
@@ -83,17 +103,18 @@ class Bench:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings))
         result = self.out / "logs" / f"{name}.json"
-        t = time.time()
+        t, cpu = time.time(), cpu_times()
         with open(self.out / "logs" / f"{name}.log", "w") as fh:
             rc = subprocess.run([sys.executable, "-m", "bench.bare", str(path), str(result)], cwd=ROOT,
                                 stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "TRANSFORMERS_VERBOSITY":
                                                                            "error", "PYTHONWARNINGS": "ignore"}
                                 ).returncode
-        wall = time.time() - t
+        wall, steal = time.time() - t, steal_since(cpu)
         if rc != 0:
             raise RuntimeError(f"bare loop failed (exit {rc}); see {self.out / 'logs' / (name + '.log')}")
         out = json.loads(result.read_text())
         out["wall_seconds"] = round(wall, 2)
+        out["cpu_steal"] = steal
         return out
 
 
@@ -116,21 +137,28 @@ def trial_settings(steps: int, every: int, eval_examples: int) -> dict[str, Any]
 
 
 # What P1's "before" undoes: Ray Train's default 2 s controller poll (a finished trial waited up to 2 s, and its
-# worker group's shutdown more, before Tune saw it end) and the preprocessing cache (every trial tokenized its data).
-BEFORE = {"env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}, "sets": ["--set", "trial.cache_dir=''"]}
+# worker group's shutdown more, before Tune saw it end), the preprocessing cache (every trial tokenized its data) and
+# the single-worker trainer (TorchTrainer: the controller imports torch, the worker sets up a 1-rank process group).
+BEFORE = {"env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"},
+          "sets": ["--set", "trial.cache_dir=''", "--set", "resources.torch_process_group=always"]}
 
 
-def calibrate_p1(b: Bench, seconds: float, probe_steps: int = 8) -> int:
-    """Steps for a bare loop of about `seconds` on this machine, from a short bare run: the same trial settings, one
-    evaluation. The CPUs this benchmark meets differ several times over in speed (bench/README.md)."""
-    probe = b.bare(trial_settings(probe_steps, probe_steps, b.args.eval_examples), "p1-calibration")
-    per_step = (probe["elapsed_seconds"] - probe["data_seconds"] - probe["model_load_seconds"]
-                - probe["eval_seconds_total"]) / probe_steps
-    fixed = probe["wall_seconds"] - probe["elapsed_seconds"] + probe["data_seconds"] + probe["model_load_seconds"]
-    steps = (seconds - fixed - 3 * probe["eval_seconds_total"]) / per_step  # P1 evaluates 3 times
+def calibrate_p1(b: Bench, seconds: float, probe_steps: int = 16) -> int:
+    """Steps for a bare loop of about `seconds` on this machine, from a short bare run of the same trial settings with
+    two evaluations. The CPUs this benchmark meets differ several times over in speed (bench/README.md).
+
+    The rate is taken between the two evaluations: the first steps are slower (warm-up), and a rate over the whole
+    short run overestimated a step by 1.9x on a 2-core AMX machine (a loop planned for 120 s lasted 71 s)."""
+    half = probe_steps // 2
+    probe = b.bare(trial_settings(probe_steps, half, b.args.eval_examples), "p1-calibration")
+    at = {c["step"]: c["elapsed_seconds"] for c in probe["curve"]}
+    per_eval = probe["eval_seconds_total"] / 2
+    per_step = (at[probe_steps] - at[half] - per_eval) / half
+    # P1 evaluates 3 times, the probe twice: one evaluation more, and its remaining steps at the steady rate
+    steps = probe_steps + (seconds - probe["wall_seconds"] - per_eval) / per_step
     steps = max(30, 3 * round(steps / 3))
-    _say(f"P1: calibration: {per_step:.2f} s per step, {probe['eval_seconds_total']:.1f} s per evaluation, "
-         f"{fixed:.1f} s fixed -> {steps} steps for a bare loop of about {seconds:.0f} s")
+    _say(f"P1: calibration: {per_step:.2f} s per step, {per_eval:.1f} s per evaluation, a {probe_steps}-step loop "
+         f"{probe['wall_seconds']:.1f} s -> {steps} steps for a bare loop of about {seconds:.0f} s")
     return steps
 
 
@@ -148,6 +176,7 @@ def p1(b: Bench) -> dict[str, Any]:
     }
     bare_breakdown["exit"] = bare["wall_seconds"] - sum(bare_breakdown.values())
     out = {"steps": steps, "bare_seconds": bare["wall_seconds"], "bare_objective": bare["objective"].get("val_f1"),
+           "bare_cpu_steal": bare["cpu_steal"],
            "bare_breakdown": {k: round(v, 2) for k, v in bare_breakdown.items()},
            "bare_fixed_seconds": round(bare["wall_seconds"] - sum(bare_breakdown[k] for k in WORK), 2)}
     _say(f"P1: bare loop took {bare['wall_seconds']:.1f} s; now the same trial through search.run, before and after")
@@ -170,8 +199,19 @@ def p1(b: Bench) -> dict[str, Any]:
             "ray_start_seconds": s.get("ray_start_seconds"), "objective": t["value"],
             "trial_breakdown": {k: round(v, 2) for k, v in breakdown.items()},
             "data": {k: timing.get(k, 0.0) for k in ("data_seconds", "tokenize_seconds")},
+            "cpu_steal": s.get("cpu_steal"),
         }
         _say(f"P1 {key}: trial {trial_wall:.1f} s, ratio {out[key]['ratio']}")
+    # The bare loop once more: on a shared virtual machine the CPU the hypervisor gives can change by half within
+    # minutes (cpu_steal), and a ratio of two runs far apart in time would measure that. The ratios use the mean.
+    again = b.bare(trial_settings(steps, every, b.args.eval_examples), "p1-bare-again")
+    out["bare_again_seconds"], out["bare_again_cpu_steal"] = again["wall_seconds"], again["cpu_steal"]
+    out["bare_seconds_mean"] = round((bare["wall_seconds"] + again["wall_seconds"]) / 2, 2)
+    for key in ("before", "after"):
+        out[key]["ratio"] = round(out[key]["trial_seconds"] / out["bare_seconds_mean"], 3)
+        out[key]["ratio_whole_command"] = round(out[key]["search_command_seconds"] / out["bare_seconds_mean"], 3)
+    _say(f"P1: bare loop again {again['wall_seconds']:.1f} s; ratio before {out['before']['ratio']}, "
+         f"after {out['after']['ratio']} (to the mean bare loop)")
     out["ratio"] = out["after"]["ratio"]
     return out
 
@@ -185,7 +225,7 @@ def trial_breakdown(timing: dict[str, float], trial_wall: float) -> dict[str, fl
     ev, ck = timing["eval_seconds_total"], timing["checkpoint_seconds_total"]
     training = timing["elapsed_seconds"] - data - model - ev - ck
     out = {"trial process start": timing["trial_entered_at"] - timing["started_at"],
-           "TorchTrainer setup": timing["fit_at"] - timing["trial_entered_at"],
+           "trainer setup": timing["fit_at"] - timing["trial_entered_at"],
            "worker group start": timing["worker_started_at"] - timing["fit_at"],
            "imports": timing["imports_seconds"], "data preparation": data,
            "model load + 4-bit": model, "evaluation": ev, "checkpointing": ck, "training": training}
@@ -274,7 +314,8 @@ def p2_space(b: Bench) -> Path:
 def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, Any]:
     from search.report import trial_histories
 
-    extra = ["--set", f"num_trials={b.args.p2_trials}", "--set", "max_concurrent_trials=2",
+    extra = ["--set", f"num_trials={b.args.p2_trials}", "--set", f"max_concurrent_trials={b.args.p2_concurrency}",
+             "--set", f"resources.cpus_per_worker={max(1, (os.cpu_count() or 1) // b.args.p2_concurrency)}",
              "--set", f"searcher.seed={seed}", "--set", f"space={p2_space(b)}",
              "--set", f"searcher.algorithm={'tpe' if tpe_asha else 'random'}",
              "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
@@ -297,6 +338,7 @@ def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, An
         "stopped_early": sum(bool(t["stopped_early"]) for t in trials), "failed": sum(t["status"] == "ERROR"
                                                                                      for t in trials),
         "mlflow_seconds": s["mlflow_seconds"], "search_wall_seconds": s["wall_seconds"],
+        "cpu_steal": s.get("cpu_steal"),
         "fixed_seconds": [f for _, (f, _w) in split if f is not None],
         "work_seconds_full": [w for t, (_f, w) in split if w is not None and t["steps"] >= steps],
         "data": [{k: t["timing"][k] for k in ("data_seconds", "tokenize_seconds")} for t in trials
@@ -428,6 +470,10 @@ def plots(out: Path, report: dict[str, Any]) -> list[str]:
     return made
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
 def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
@@ -440,7 +486,9 @@ def markdown(report: dict[str, Any]) -> str:
              + (f" ({m['cpu']}, {m['cpu_capability']}; compute dtype {m['compute_dtype']})" if "cpu" in m else "")
              + f", {m['platform']}; {('GPU ' + m['gpu']) if m.get('gpu') else 'no GPU'}. Versions: "
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
-             f"Command: `{report['command']}`, {report['wall_seconds']:.0f} s in all.", "",
+             f"Command: `{report['command']}`, {report['wall_seconds']:.0f} s in all"
+             + (f"; the hypervisor gave {_pct(report['cpu_steal'])} of this machine's CPU time to other guests "
+                f"meanwhile (steal)" if report.get("cpu_steal") is not None else "") + ".", "",
              "| figure | value | target |", "|---|---|---|"]
     if "p1" in report:
         lines.append(f"| P1 trial overhead (search trial / bare loop) | {report['p1']['ratio']} | "
@@ -463,7 +511,9 @@ def markdown(report: dict[str, Any]) -> str:
         p = report["p1"]
         a, bf = p["after"], p["before"]
         lines += ["", f"## P1: one trial of {p['steps']} steps", "",
-                  f"Bare loop {p['bare_seconds']} s (process start to exit, val_f1 {p['bare_objective']}). The same "
+                  f"Bare loop {p['bare_seconds']} s (process start to exit, val_f1 {p['bare_objective']})"
+                  + (f", and {p['bare_again_seconds']} s run again after the trials; the ratios divide by the mean, "
+                     f"{p['bare_seconds_mean']} s" if "bare_seconds_mean" in p else "") + ". The same "
                   f"trial in a 1-trial search, from Tune starting it to Tune seeing it end: before "
                   f"{bf['trial_seconds']} s (ratio {bf['ratio']}), after {a['trial_seconds']} s (ratio {a['ratio']}, "
                   f"val_f1 {a['objective']}). Fixed cost (everything but data, model load, evaluation and training): "
@@ -473,6 +523,10 @@ def markdown(report: dict[str, Any]) -> str:
                   f"trial, report; the benchmark turns the test evaluation off): before "
                   f"{bf['search_command_seconds']} s, after {a['search_command_seconds']} s (ratio to the bare loop "
                   f"{a['ratio_whole_command']}).",
+                  *([f"CPU time the hypervisor gave to other guests (steal) while each ran: bare "
+                     f"{_pct(p['bare_cpu_steal'])}, before {_pct(bf.get('cpu_steal'))}, after "
+                     f"{_pct(a.get('cpu_steal'))}, bare again {_pct(p.get('bare_again_cpu_steal'))}."]
+                    if p.get("bare_cpu_steal") is not None else []),
                   ""]
         keys = list(dict.fromkeys(list(p["bare_breakdown"]) + list(a["trial_breakdown"])))
         lines += md_table(["phase", "bare loop (s)", "trial before (s)", "trial after (s)"],
@@ -485,14 +539,30 @@ def markdown(report: dict[str, Any]) -> str:
             return f"{x['seconds']:.0f}" + ("" if x["reached"] else " (never; its wall time)")
 
         lines += ["", "## P2, P3, P5: TPE + ASHA vs random search without early stopping", ""]
+        st = report.get("settings") or {}
+        if st.get("p2_steps"):
+            every = st["p2_steps"] // st["p2_evals"]
+            cpus = max(1, (report["machine"].get("cpus") or 1) // st.get("p2_concurrency", 2))
+            rungs, r = [], every
+            while r < st["p2_steps"] + every:  # ASHA's milestones: grace x rf^k below max_t (search/driver.py)
+                rungs.append(f"{r:g}")
+                r *= st["reduction_factor"]
+            lines += [f"Each search: {st['p2_trials']} trials, {st.get('p2_concurrency', 2)} at a time ({cpus} CPU "
+                      f"each), of {st['p2_steps']} steps with an evaluation of {st['p2_eval_examples']} validation "
+                      f"messages every {every} steps, on `{st['p2_space']}`. TPE starts with Optuna's random "
+                      f"start-up trials; ASHA: grace period one evaluation, reduction factor "
+                      f"{st['reduction_factor']:g} (rungs at steps {', '.join(rungs)}), ties at a rung ordered by eval loss. Random search runs every "
+                      f"trial to the end. Same seed, trial budget and concurrency for both.", ""]
         lines += md_table(["seed", "best either found", "TPE+ASHA: s to within 1%", "random no-ES: s to within 1%",
                            "ratio"],
                           [[c["seed"], f"{c['reference_best']:.4f}", cell(c["tpe_asha"]), cell(c["random_fifo"]),
                             c["ratio"]] for c in p["seeds"]])
         lines.append("")
-        lines += md_table(["search", "wall (s)", "best val_f1", "steps run / full", "stopped early", "failed"],
+        lines += md_table(["search", "wall (s)", "best val_f1", "steps run / full", "stopped early", "failed",
+                           "CPU stolen"],
                           [[r["name"], f"{r['wall_seconds']:.0f}", r["best_value"],
-                            f"{r['steps_run']}/{r['steps_full']}", r["stopped_early"], r["failed"]] for r in p["runs"]])
+                            f"{r['steps_run']}/{r['steps_full']}", r["stopped_early"], r["failed"],
+                            _pct(r.get("cpu_steal"))] for r in p["runs"]])
         c = p.get("trial_cost") or {}
         if c.get("ceiling"):
             lines += ["", f"What bounds the ratio: a trial's fixed cost (Tune start to end, less data, model load, "
@@ -552,17 +622,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p1-steps", type=int, help="Steps of the P1 trial (default: as many as make the bare loop "
                     "last --p1-seconds on this machine, from a short calibration run).")
     ap.add_argument("--p1-seconds", type=float, default=120.0, help="Bare-loop length P1 calibrates to.")
-    # P2's defaults were cut towards 40 minutes on 2 AVX2 cores (a training step of the tiny model about 1.4 s, an
-    # evaluation of 128 messages 15 s) and are too short to learn there: every 8-step trial scored 0.0
-    # (bench/README.md). On such a machine, give P2 a larger budget than 40 minutes.
-    ap.add_argument("--p2-steps", type=int, default=8)
+    # P2's defaults fit the whole benchmark in about 35 minutes on 2 cores with native bf16 (an Intel Xeon with AMX,
+    # bench/README.md): 8 trials of 24 steps, 2 at a time, an evaluation every 4 steps (ASHA's rungs at steps 4 and
+    # 12). On a 2-core AVX2 machine a step is several times slower (bench/README.md): give P2 longer there.
+    ap.add_argument("--p2-steps", type=int, default=24)
     ap.add_argument("--p2-space", default=WIDE_SPACE, help=f"P2's search space (default {WIDE_SPACE}); 'cold': "
                     f"{SPACE} without its warm-start point.")
     ap.add_argument("--p2-trials", type=int, default=8)
     ap.add_argument("--p2-seeds", type=int, default=3)
-    ap.add_argument("--p2-evals", type=int, default=2, help="Evaluations per P2 trial (ASHA's rungs).")
-    ap.add_argument("--p2-eval-examples", type=int, default=32, help="Validation examples per P2 evaluation.")
+    ap.add_argument("--p2-evals", type=int, default=6, help="Evaluations per P2 trial (ASHA's rungs are at the "
+                    "first, then every reduction-factor times as many steps).")
+    ap.add_argument("--p2-eval-examples", type=int, default=64, help="Validation examples per P2 evaluation.")
     ap.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor in P2.")
+    ap.add_argument("--p2-concurrency", type=int, default=2, help="Trials at once in each P2 search (both "
+                    "strategies); each trial gets the machine's CPUs divided by this.")
     ap.add_argument("--eval-examples", type=int, default=128, help="Validation examples per P1 evaluation.")
     ap.add_argument("--redraw", metavar="DIR", help="Only redraw the plots and report.md of an earlier run in DIR.")
     args = ap.parse_args(argv)
@@ -572,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     parts = set(args.only or ("p1", "p2", "p4"))
-    t0 = time.time()
+    t0, cpu0 = time.time(), cpu_times()
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
@@ -593,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         report["p4"] = p4(b, per_trial)
         _say(f"P4: ratio {report['p4']['ratio']}")
     report["wall_seconds"] = round(time.time() - t0, 1)
+    report["cpu_steal"] = steal_since(cpu0)
     report["plots"] = plots(out, report)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(markdown(report))

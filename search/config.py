@@ -42,6 +42,10 @@ class ResourceSettings(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     custom_per_worker: dict[str, float] = Field({}, description="Extra Ray resources per worker, e.g. {A10G: 1}.")
+    torch_process_group: Literal["auto", "always"] = Field(
+        "auto", description="auto: Ray Train's TorchTrainer (a torch process group) only for several workers, the "
+        "base DataParallelTrainer for one (several seconds less per trial); always: TorchTrainer for one worker too, "
+        "for a custom trainable that needs torch.distributed.")
 
     def per_worker_str(self) -> str:
         parts = [f"CPU={self.cpus_per_worker:g}"] + ([f"GPU={self.gpus_per_worker:g}"] if self.gpus_per_worker else [])

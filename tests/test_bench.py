@@ -39,7 +39,7 @@ def test_trial_breakdown_accounts_for_the_whole_trial():
               "imports_seconds": 3.0, "data_seconds": 0.1, "model_load_seconds": 0.4, "eval_seconds_total": 10.0,
               "checkpoint_seconds_total": 0.5, "elapsed_seconds": 60.0, "ended_at": 171.0, "mlflow_seconds": 0.2}
     parts = trial_breakdown(timing, 71.0)
-    assert parts["trial process start"] == 0.5 and parts["TorchTrainer setup"] == 1.0
+    assert parts["trial process start"] == 0.5 and parts["trainer setup"] == 1.0
     assert parts["worker group start"] == 4.5 and parts["training"] == pytest.approx(49.0)
     assert parts["shutdown + result"] == pytest.approx(2.0)  # 71 - (0.5 + 1 + 4.5 + 3 + 60)
     assert sum(v for k, v in parts.items() if not k.startswith("mlflow")) == pytest.approx(71.0)

@@ -1,4 +1,5 @@
-"""Two Ray Train workers (gloo DDP on CPU) must end with identical adapters."""
+"""Ray Train around the SFT loop: two workers (gloo DDP on CPU) end with identical adapters; a single worker runs
+without a torch process group unless asked for one."""
 
 from pathlib import Path
 
@@ -27,10 +28,11 @@ def _dump_adapters(config):
 def test_two_workers_end_with_identical_adapters(fast_settings, tmp_path):
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
     import sys
+
+    from trainables.ray_trainable import TrialResources, trainer_class
 
     import ray.cloudpickle
 
@@ -38,7 +40,7 @@ def test_two_workers_end_with_identical_adapters(fast_settings, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         s = fast_settings.with_values({"optim.batch_size": 4})
-        trainer = TorchTrainer(
+        trainer = trainer_class(TrialResources(num_workers=2))(
             train_loop_per_worker=_dump_adapters,
             train_loop_config={"settings": s.model_dump(), "out": str(tmp_path)},
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
@@ -54,3 +56,47 @@ def test_two_workers_end_with_identical_adapters(fast_settings, tmp_path):
     assert sa.keys() == sb.keys() and all((sa[k] == sb[k]).all() for k in sa)
     # lora_B starts at zero: nonzero B on both ranks means they trained, and stayed identical
     assert any(k.endswith("lora_B.weight") and sa[k].abs().sum() > 0 for k in sa)
+
+
+def _process_group(config):
+    import json
+
+    import ray.train
+    import torch.distributed as dist
+
+    # Train V2's Result carries the metrics of the last checkpoint; this run has none, so it writes what it saw
+    Path(config["out"]).write_text(json.dumps({"process_group": dist.is_available() and dist.is_initialized(),
+                                               "world_size": ray.train.get_context().get_world_size()}))
+
+
+def test_single_worker_runs_without_a_process_group_unless_asked(tmp_path):
+    import json
+    import sys
+
+    import ray
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainables.ray_trainable import TrialResources, trainer_class
+
+    assert trainer_class(TrialResources(num_workers=2)) is TorchTrainer
+    assert trainer_class(TrialResources(num_workers=1, torch_process_group="always")) is TorchTrainer
+    single = trainer_class(TrialResources(num_workers=1))
+    assert not issubclass(single, TorchTrainer)
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        seen = {}
+        for name, cls in (("single", single), ("always", TorchTrainer)):
+            out = tmp_path / f"{name}.json"
+            result = cls(_process_group, train_loop_config={"out": str(out)},
+                         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                         run_config=RunConfig(name=name, storage_path=str(tmp_path))).fit()
+            assert result.error is None
+            seen[name] = json.loads(out.read_text())
+    finally:
+        ray.shutdown()
+    assert seen["single"] == {"process_group": False, "world_size": 1}
+    assert seen["always"] == {"process_group": True, "world_size": 1}

@@ -1,5 +1,6 @@
 """The Ray-facing adapters: a Ray Train worker loop around `sft.train`, and the Tune function trainable that runs one
-trial as a Train V2 `TorchTrainer` (the supported Tune + Train pattern in Ray >= 2.50).
+trial as one Train V2 run (`TorchTrainer`, or Train's base `DataParallelTrainer` for a single worker; `trainer_class`),
+the supported Tune + Train pattern in Ray >= 2.50.
 
 The Tune config carries only the sampled parameters (dotted setting names such as `lora.r`); the base settings and
 run options are bound once with `tune.with_parameters`, never copied into every trial's config.
@@ -14,7 +15,7 @@ from typing import Any
 
 from trainables.settings import TrialSettings
 
-# The Tune trial process only waits on its TorchTrainer; its Train workers hold the real resources. It asks for no CPU
+# The Tune trial process only waits on its Train run; its Train workers hold the real resources. It asks for no CPU
 # (a trial holding a CPU next to its worker's CPU starves a 2-CPU machine) but for a little memory, since Tune refuses
 # a request with no resources at all.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2}
@@ -26,6 +27,7 @@ class TrialResources:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     custom: tuple[tuple[str, float], ...] = ()  # extra resources per worker, e.g. (("A10G", 1),)
+    torch_process_group: str = "auto"  # "always": TorchTrainer for one worker too (see trainer_class)
 
     def per_worker(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker, **dict(self.custom)}
@@ -118,9 +120,26 @@ def tune_report_callback(storage_path: str):
     return ReportToTune()
 
 
+def trainer_class(resources: TrialResources):
+    """Ray Train's trainer for a trial with these resources.
+
+    Several workers train with DDP: `TorchTrainer` sets up their torch process group. A single worker has no process
+    group to set up, yet TorchTrainer charges it a fixed price per trial: the Train controller imports torch to
+    unpickle the torch backend, and the worker sets up a one-rank process group before training. Ray Train's base
+    `DataParallelTrainer` (the same controller, worker group, checkpointing and failure handling, no backend) skips
+    both: 7-9 s less per trial on 2 CPUs (bench/README.md). `torch_process_group="always"` keeps TorchTrainer."""
+    if resources.num_workers > 1 or resources.torch_process_group == "always":
+        from ray.train.torch import TorchTrainer
+
+        return TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    return DataParallelTrainer
+
+
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialResources,
               storage_path: str, max_failures: int = 2, objective: tuple[str, str] | None = None) -> None:
-    """Tune function trainable: one trial = one TorchTrainer.fit() with the sampled values applied to `base`.
+    """Tune function trainable: one trial = one Ray Train fit() (`trainer_class`) with the sampled values applied to `base`.
 
     `objective` (metric, mode): Train keeps the trial's 2 best checkpoints by it, besides its latest (to resume
     from), so the search can export the best adapter a trial produced."""
@@ -129,11 +148,10 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
     entered = time.time()
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     settings = TrialSettings.model_validate(base).with_values(config)
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = TorchTrainer(
+    trainer = trainer_class(resources)(
         train_loop_per_worker=train_worker,
         # when this trial's process started and when it asked Train for workers (see search.driver.WORKER_TIMING)
         train_loop_config={"settings": settings.model_dump(),
