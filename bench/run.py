@@ -149,17 +149,23 @@ def calibrate_p1(b: Bench, seconds: float, probe_steps: int = 16) -> int:
 
     The rate is taken between the two evaluations: the first steps are slower (warm-up), and a rate over the whole
     short run overestimated a step by 1.9x on a 2-core AMX machine (a loop planned for 120 s lasted 71 s)."""
-    half = probe_steps // 2
-    probe = b.bare(trial_settings(probe_steps, half, b.args.eval_examples), "p1-calibration")
-    at = {c["step"]: c["elapsed_seconds"] for c in probe["curve"]}
-    per_eval = probe["eval_seconds_total"] / 2
-    per_step = (at[probe_steps] - at[half] - per_eval) / half
-    # P1 evaluates 3 times, the probe twice: one evaluation more, and its remaining steps at the steady rate
-    steps = probe_steps + (seconds - probe["wall_seconds"] - per_eval) / per_step
-    steps = max(30, 3 * round(steps / 3))
+    probe = b.bare(trial_settings(probe_steps, probe_steps // 2, b.args.eval_examples), "p1-calibration")
+    steps, per_step, per_eval = steps_for(probe, seconds, probe_steps)
     _say(f"P1: calibration: {per_step:.2f} s per step, {per_eval:.1f} s per evaluation, a {probe_steps}-step loop "
          f"{probe['wall_seconds']:.1f} s -> {steps} steps for a bare loop of about {seconds:.0f} s")
     return steps
+
+
+def steps_for(probe: dict[str, Any], seconds: float, probe_steps: int) -> tuple[int, float, float]:
+    """(steps, seconds per step, seconds per evaluation) for a 3-evaluation bare loop of about `seconds`, from a
+    `probe_steps` bare run evaluated at its half and its end (`curve`: elapsed seconds at each report)."""
+    half = probe_steps // 2
+    at = {c["step"]: c["elapsed_seconds"] for c in probe["curve"]}
+    per_eval = probe["eval_seconds_total"] / 2
+    per_step = (at[probe_steps] - at[half] - per_eval) / half
+    # P1 evaluates 3 times, the probe twice: one evaluation more, and the steps beyond the probe's at the steady rate
+    steps = probe_steps + (seconds - probe["wall_seconds"] - per_eval) / per_step
+    return max(30, 3 * round(steps / 3)), per_step, per_eval
 
 
 def p1(b: Bench) -> dict[str, Any]:

@@ -55,3 +55,16 @@ def test_fixed_cost_split_and_the_ceiling_it_sets():
     assert trial_split({"timing": {}}) == (None, None) and trial_split({}) == (None, None)
     # 10 s fixed + 30 s work; ASHA runs a third of the work: (10 + 30) / (10 + 10) = 2; no fixed cost: 3
     assert ceiling(10.0, 30.0, 1 / 3) == pytest.approx(2.0) and ceiling(0.0, 30.0, 1 / 3) == pytest.approx(3.0)
+
+
+def test_p1_calibration_takes_the_rate_past_the_warm_up():
+    from bench.run import steps_for
+
+    # 16 steps: the first 8 with warm-up, data and model load took 30 s, the next 8 plus one 4 s evaluation 12 s,
+    # so a step costs (12 - 4) / 8 = 1 s. A 3-evaluation loop of 120 s: the probe's 50 s, one more evaluation
+    # (4 s), and 66 steps more at 1 s -> 82 steps, rounded to a multiple of 3 -> 81.
+    probe = {"curve": [{"step": 8, "elapsed_seconds": 30.0}, {"step": 16, "elapsed_seconds": 42.0}],
+             "eval_seconds_total": 8.0, "wall_seconds": 50.0}
+    assert steps_for(probe, 120.0, 16) == (81, 1.0, 4.0)
+    # a whole-run rate (42 s / 16 steps = 2.6 s) would have planned about a third of that; never below 30 steps
+    assert steps_for(probe, 60.0, 16)[0] == 30
