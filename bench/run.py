@@ -557,7 +557,8 @@ def markdown(report: dict[str, Any]) -> str:
                       f"each), of {st['p2_steps']} steps with an evaluation of {st['p2_eval_examples']} validation "
                       f"messages every {every} steps, on `{st['p2_space']}`. TPE starts with Optuna's random "
                       f"start-up trials; ASHA: grace period one evaluation, reduction factor "
-                      f"{st['reduction_factor']:g} (rungs at steps {', '.join(rungs)}), ties at a rung ordered by eval loss. Random search runs every "
+                      f"{st['reduction_factor']:g} (rungs at steps {', '.join(rungs)}), ties at a rung ordered by "
+                      f"eval loss. Random search runs every "
                       f"trial to the end. Same seed, trial budget and concurrency for both.", ""]
         lines += md_table(["seed", "best either found", "TPE+ASHA: s to within 1%", "random no-ES: s to within 1%",
                            "ratio"],

@@ -139,7 +139,8 @@ def trainer_class(resources: TrialResources):
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialResources,
               storage_path: str, max_failures: int = 2, objective: tuple[str, str] | None = None) -> None:
-    """Tune function trainable: one trial = one Ray Train fit() (`trainer_class`) with the sampled values applied to `base`.
+    """Tune function trainable: one trial = one Ray Train fit() (`trainer_class`), the sampled values applied to
+    `base`.
 
     `objective` (metric, mode): Train keeps the trial's 2 best checkpoints by it, besides its latest (to resume
     from), so the search can export the best adapter a trial produced."""
