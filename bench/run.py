@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -280,7 +281,38 @@ def compare(runs: dict[str, dict[str, Any]], mode: str) -> dict[str, Any]:
         out[key] = {"seconds": t if t is not None else r["wall_seconds"], "reached": t is not None}
     a, b = out["random_fifo"]["seconds"], out["tpe_asha"]["seconds"]
     out["ratio"] = round(a / b, 3) if b else None
+    # A strategy that never got within 1% took longer than its whole run, which is what it is charged: the ratio is
+    # then a bound, not a value. Random never there: the true ratio is above it; TPE+ASHA never there: below.
+    out["bound"] = ratio_bound(out)
     return out
+
+
+def ratio_bound(c: dict[str, Any]) -> str | None:
+    reached = (c["random_fifo"]["reached"], c["tpe_asha"]["reached"])
+    return {(True, True): None, (False, True): "lower", (True, False): "upper"}.get(reached, "none")
+
+
+def median_ratio(seeds: list[dict[str, Any]]) -> tuple[float | None, str | None]:
+    """The median P2 ratio over seeds and whether it is a bound ("lower", "upper") or a value (None).
+
+    A seed whose ratio is a bound is ordered beyond every value on its side (a search that never got there counts as
+    infinitely slow), so it moves the median only as far as that side allows. If the median lands on bounds of one
+    side, it is that kind of bound; on bounds of both sides, it is unknown (None, "unknown")."""
+    keyed = []
+    for c in seeds:
+        if c.get("ratio") is None or c.get("bound") == "none":
+            continue
+        side = c.get("bound")
+        keyed.append((math.inf if side == "lower" else -math.inf if side == "upper" else c["ratio"], c["ratio"], side))
+    if not keyed:
+        return None, None
+    keyed.sort(key=lambda k: (k[0], k[1]))  # bounds of one side: the least extreme nearest the middle
+    mid = len(keyed) // 2
+    picks = keyed[mid:mid + 1] if len(keyed) % 2 else keyed[mid - 1:mid + 1]
+    sides = {side for _, _, side in picks if side}
+    if len(sides) > 1:
+        return None, "unknown"
+    return round(statistics.mean(v for _, v, _ in picks), 3), (sides.pop() if sides else None)
 
 
 def cold_space(out: Path) -> Path:
@@ -366,7 +398,7 @@ def p2(b: Bench) -> dict[str, Any]:
         c["seed"] = seed
         per_seed.append(c)
         runs.extend(pair.values())
-    ratios = [c["ratio"] for c in per_seed if c["ratio"] is not None]
+    median, bound = median_ratio(per_seed)
     asha = [r for r in runs if r["name"].startswith("p2-tpe_asha")]
     fraction = sum(r["steps_run"] for r in asha) / sum(r["steps_full"] for r in asha)
     fixed = [f for r in runs for f in r["fixed_seconds"]]
@@ -378,7 +410,7 @@ def p2(b: Bench) -> dict[str, Any]:
         cost["ceiling_without_fixed"] = round(1 / fraction, 3)
     return {
         "trial_cost": cost,
-        "seeds": per_seed, "runs": runs, "ratio_median": statistics.median(ratios) if ratios else None,
+        "seeds": per_seed, "runs": runs, "ratio_median": median, "ratio_median_bound": bound,
         "p3": {"steps_fraction": round(fraction, 3),
                "per_seed": [round(r["steps_run"] / r["steps_full"], 3) for r in asha],
                "best_ever_stopped_early": any(r["best_stopped_early"] for r in asha)},
@@ -476,6 +508,22 @@ def plots(out: Path, report: dict[str, Any]) -> list[str]:
     return made
 
 
+def p2_verdict(value: float | None, bound: str | None) -> str:
+    if not bound:
+        return verdict("p2", value)
+    if bound == "upper" and value is not None and value < 3:
+        return "NOT met (target >= 3); the median is an upper bound"
+    if bound == "lower" and value is not None and value >= 3:
+        return "met (target >= 3); the median is a lower bound"
+    return "not decided: the median is a bound on the wrong side of the target (see P2)"
+
+
+def _bounded(x: float | None, bound: str | None) -> str:
+    if x is None:
+        return "unknown" if bound == "unknown" else "-"
+    return {"lower": "> ", "upper": "< "}.get(bound or "", "") + f"{x:g}"
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
@@ -502,7 +550,8 @@ def markdown(report: dict[str, Any]) -> str:
     if "p2" in report:
         p = report["p2"]
         lines.append(f"| P2 time to within 1% of best, random no-ES / TPE+ASHA (median of {len(p['seeds'])} seeds) "
-                     f"| {p['ratio_median']} | {verdict('p2', p['ratio_median'])} |")
+                     f"| {_bounded(p['ratio_median'], p.get('ratio_median_bound'))} | "
+                     f"{p2_verdict(p['ratio_median'], p.get('ratio_median_bound'))} |")
         lines.append(f"| P3 steps run / steps with no early stopping (TPE+ASHA) | {p['p3']['steps_fraction']} | "
                      f"{verdict('p3', p['p3']['steps_fraction'])}; best trial ever stopped early: "
                      f"{'yes' if p['p3']['best_ever_stopped_early'] else 'no'} |")
@@ -563,7 +612,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += md_table(["seed", "best either found", "TPE+ASHA: s to within 1%", "random no-ES: s to within 1%",
                            "ratio"],
                           [[c["seed"], f"{c['reference_best']:.4f}", cell(c["tpe_asha"]), cell(c["random_fifo"]),
-                            c["ratio"]] for c in p["seeds"]])
+                            _bounded(c["ratio"], c.get("bound"))] for c in p["seeds"]])
+        lines += ["", "A ratio marked > or < is a bound: one search never got within 1% of the best and is charged "
+                  "its whole run (random never: the true ratio is larger; TPE+ASHA never: smaller). The median "
+                  "orders such a seed beyond every value on its side."]
         lines.append("")
         lines += md_table(["search", "wall (s)", "best val_f1", "steps run / full", "stopped early", "failed",
                            "CPU stolen"],
@@ -617,6 +669,11 @@ def versions() -> dict[str, str]:
 def redraw(out: Path) -> None:
     """Plots and report.md again from an existing report.json (`--redraw DIR`)."""
     report = json.loads((out / "report.json").read_text())
+    if "p2" in report:  # reports from before the ratio's bounds were kept
+        for c in report["p2"]["seeds"]:
+            c["bound"] = ratio_bound(c)
+        report["p2"]["ratio_median"], report["p2"]["ratio_median_bound"] = median_ratio(report["p2"]["seeds"])
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     report["plots"] = plots(out, report)
     (out / "report.md").write_text(markdown(report))
 

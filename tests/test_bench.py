@@ -32,6 +32,26 @@ def test_time_to_within_one_percent_and_the_ratio():
     runs["random_fifo"]["curve"] = [(30.0, 0.7)]
     c = compare(runs, "max")
     assert c["random_fifo"] == {"seconds": 400.0, "reached": False} and c["ratio"] == 8.0
+    assert c["bound"] == "lower"  # random took longer than its whole run: the true ratio is above 8
+    runs["random_fifo"]["curve"], runs["tpe_asha"]["curve"] = [(150.0, 0.95)], [(20.0, 0.6)]
+    runs["random_fifo"]["best_value"] = 0.95  # now TPE+ASHA never gets within 1% of 0.95
+    c = compare(runs, "max")
+    assert c["tpe_asha"] == {"seconds": 200.0, "reached": False} and c["bound"] == "upper"
+
+
+def test_median_ratio_orders_bounds_beyond_the_values_on_their_side():
+    from bench.run import median_ratio
+
+    def s(ratio, bound=None):
+        return {"ratio": ratio, "bound": bound}
+
+    # the 2026-12-03 run: 0.865; < 1.146 (TPE+ASHA never got there); > 0.956 (random never did) -> 0.865, a value
+    assert median_ratio([s(0.865), s(1.146, "upper"), s(0.956, "lower")]) == (0.865, None)
+    # two lower bounds: the true median exceeds the smaller of them
+    assert median_ratio([s(0.865), s(1.146, "lower"), s(0.956, "lower")]) == (0.956, "lower")
+    assert median_ratio([s(1.2), s(0.5, "upper"), s(0.9, "upper")]) == (0.9, "upper")
+    assert median_ratio([s(0.8), s(1.6)]) == (1.2, None)
+    assert median_ratio([s(0.8, "upper"), s(1.6, "lower")]) == (None, "unknown")
 
 
 def test_trial_breakdown_accounts_for_the_whole_trial():
