@@ -367,10 +367,9 @@ def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, An
     trials = s["trials"]
     split = [(t, trial_split(t)) for t in trials]
     best = s.get("best") or {}
-    best_trial = next((t for t in trials if t["trial_id"] == best.get("trial_id")), None)
     return {
         "name": name, "seed": seed, "wall_seconds": s["command_seconds"], "best_value": best.get("value"),
-        "best_trial": best.get("trial_id"), "best_stopped_early": bool(best_trial and best_trial["stopped_early"]),
+        "best_trial": best.get("trial_id"), "best_stopped_early": best_stopped_early(trials, best.get("trial_id")),
         "curve": [(round(t, 2), v) for t, v in curve],
         "steps_run": sum(t["steps"] for t in trials), "steps_full": len(trials) * steps,
         "stopped_early": sum(bool(t["stopped_early"]) for t in trials), "failed": sum(t["status"] == "ERROR"
@@ -382,6 +381,16 @@ def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, An
         "data": [{k: t["timing"][k] for k in ("data_seconds", "tokenize_seconds")} for t in trials
                  if {"data_seconds", "tokenize_seconds"} <= (t.get("timing") or {}).keys()],
     }
+
+
+def best_stopped_early(trials: list[dict[str, Any]], best_id: str | None) -> bool | None:
+    """Whether the search's best trial was stopped early; None when there is no best to speak of: every trial
+    ended with the same value (e.g. all F1 0.0), and the "best" is whichever Tune listed first."""
+    values = {t.get("value") for t in trials if t.get("value") is not None}
+    best = next((t for t in trials if t["trial_id"] == best_id), None)
+    if best is None or len(values) < 2:
+        return None
+    return bool(best["stopped_early"])
 
 
 def p2(b: Bench) -> dict[str, Any]:
@@ -413,7 +422,8 @@ def p2(b: Bench) -> dict[str, Any]:
         "seeds": per_seed, "runs": runs, "ratio_median": median, "ratio_median_bound": bound,
         "p3": {"steps_fraction": round(fraction, 3),
                "per_seed": [round(r["steps_run"] / r["steps_full"], 3) for r in asha],
-               "best_ever_stopped_early": any(r["best_stopped_early"] for r in asha)},
+               "best_ever_stopped_early": any(r["best_stopped_early"] for r in asha),
+               "best_undecided_seeds": [r["seed"] for r in asha if r["best_stopped_early"] is None]},
         "p5": {"mlflow_seconds": round(sum(r["mlflow_seconds"] for r in runs), 2),
                "wall_seconds": round(sum(r["search_wall_seconds"] for r in runs), 1)},
         "data_per_trial": [x for r in runs for x in r["data"]],
@@ -554,7 +564,9 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{p2_verdict(p['ratio_median'], p.get('ratio_median_bound'))} |")
         lines.append(f"| P3 steps run / steps with no early stopping (TPE+ASHA) | {p['p3']['steps_fraction']} | "
                      f"{verdict('p3', p['p3']['steps_fraction'])}; best trial ever stopped early: "
-                     f"{'yes' if p['p3']['best_ever_stopped_early'] else 'no'} |")
+                     f"{'yes' if p['p3']['best_ever_stopped_early'] else 'no'}"
+                     + (f" (seeds {p['p3']['best_undecided_seeds']}: every trial scored the same, no best)"
+                        if p["p3"].get("best_undecided_seeds") else "") + " |")
         p5 = p["p5"]["mlflow_seconds"] / p["p5"]["wall_seconds"]
         lines.append(f"| P5 MLflow time / search wall time | {p5:.4f} | {verdict('p5', p5)} |")
     if "p4" in report:

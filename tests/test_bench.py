@@ -88,3 +88,17 @@ def test_p1_calibration_takes_the_rate_past_the_warm_up():
     assert steps_for(probe, 120.0, 16) == (81, 1.0, 4.0)
     # a whole-run rate (42 s / 16 steps = 2.6 s) would have planned about a third of that; never below 30 steps
     assert steps_for(probe, 60.0, 16)[0] == 30
+
+
+def test_best_stopped_early_needs_a_best():
+    from bench.run import best_stopped_early
+
+    trials = [{"trial_id": "a", "value": 0.8, "stopped_early": False},
+              {"trial_id": "b", "value": 0.3, "stopped_early": True}]
+    assert best_stopped_early(trials, "a") is False
+    trials[1]["value"] = 0.9
+    assert best_stopped_early(trials, "b") is True
+    # every trial 0.0: Tune's "best" is the first listed, stopped or not; there is no best to judge
+    flat = [{"trial_id": "a", "value": 0.0, "stopped_early": True}, {"trial_id": "b", "value": 0.0,
+                                                                        "stopped_early": False}]
+    assert best_stopped_early(flat, "a") is None
