@@ -77,6 +77,16 @@ class Bench:
                 "--set", f"output_dir={self.out / 'runs'}", "--set", f"mlflow.tracking_uri={self.mlflow}",
                 "--set", f"model_cache={ROOT / '.cache'}"]
 
+    @staticmethod
+    def run(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, float, float, float | None]:
+        """Run `cmd` from the repository root with its output in `log`: (exit code, start time, wall seconds, CPU
+        steal meanwhile)."""
+        t, cpu = time.time(), cpu_times()
+        with open(log, "w") as fh:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env}).returncode
+        return rc, t, time.time() - t, steal_since(cpu)
+
     def search(self, name: str, extra: list[str], steps: int, every: int, env: dict[str, str] | None = None,
                eval_examples: int | None = None) -> dict[str, Any]:
         """Run `python -m search.run` in its own process; its summary.json plus the command's wall time."""
@@ -85,11 +95,7 @@ class Bench:
                *extra]
         log = self.out / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        t, cpu = time.time(), cpu_times()
-        with open(log, "w") as fh:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}).returncode
-        wall, steal = time.time() - t, steal_since(cpu)
+        rc, t, wall, steal = self.run(cmd, log, env or {})
         summary_path = self.out / "runs" / name / "summary.json"
         if rc != 0 or not summary_path.is_file():
             raise RuntimeError(f"search {name} failed (exit {rc}); see {log}")
@@ -104,13 +110,9 @@ class Bench:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings))
         result = self.out / "logs" / f"{name}.json"
-        t, cpu = time.time(), cpu_times()
-        with open(self.out / "logs" / f"{name}.log", "w") as fh:
-            rc = subprocess.run([sys.executable, "-m", "bench.bare", str(path), str(result)], cwd=ROOT,
-                                stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "TRANSFORMERS_VERBOSITY":
-                                                                           "error", "PYTHONWARNINGS": "ignore"}
-                                ).returncode
-        wall, steal = time.time() - t, steal_since(cpu)
+        rc, _t, wall, steal = self.run([sys.executable, "-m", "bench.bare", str(path), str(result)],
+                                       self.out / "logs" / f"{name}.log",
+                                       {"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"})
         if rc != 0:
             raise RuntimeError(f"bare loop failed (exit {rc}); see {self.out / 'logs' / (name + '.log')}")
         out = json.loads(result.read_text())
@@ -199,16 +201,15 @@ def p1(b: Bench) -> dict[str, Any]:
         trial_wall = timing["ended_at"] - timing["started_at"]
         breakdown = trial_breakdown(timing, trial_wall)
         out[key] = {
-            "trial_seconds": round(trial_wall, 2), "ratio": round(trial_wall / bare["wall_seconds"], 3),
+            "trial_seconds": round(trial_wall, 2),
             "fixed_seconds": round(trial_wall - sum(breakdown[k] for k in WORK), 2),
             "search_command_seconds": s["command_seconds"], "search_wall_seconds": s["wall_seconds"],
-            "ratio_whole_command": round(s["command_seconds"] / bare["wall_seconds"], 3),
             "ray_start_seconds": s.get("ray_start_seconds"), "objective": t["value"],
             "trial_breakdown": {k: round(v, 2) for k, v in breakdown.items()},
             "data": {k: timing.get(k, 0.0) for k in ("data_seconds", "tokenize_seconds")},
             "cpu_steal": s.get("cpu_steal"),
         }
-        _say(f"P1 {key}: trial {trial_wall:.1f} s, ratio {out[key]['ratio']}")
+        _say(f"P1 {key}: trial {trial_wall:.1f} s")
     # The bare loop once more: on a shared virtual machine the CPU the hypervisor gives can change by half within
     # minutes (cpu_steal), and a ratio of two runs far apart in time would measure that. The ratios use the mean.
     again = b.bare(trial_settings(steps, every, b.args.eval_examples), "p1-bare-again")
@@ -289,7 +290,7 @@ def compare(runs: dict[str, dict[str, Any]], mode: str) -> dict[str, Any]:
 
 def ratio_bound(c: dict[str, Any]) -> str | None:
     reached = (c["random_fifo"]["reached"], c["tpe_asha"]["reached"])
-    return {(True, True): None, (False, True): "lower", (True, False): "upper"}.get(reached, "none")
+    return {(True, True): None, (False, True): "lower", (True, False): "upper"}.get(reached, "neither")
 
 
 def median_ratio(seeds: list[dict[str, Any]]) -> tuple[float | None, str | None]:
@@ -300,7 +301,7 @@ def median_ratio(seeds: list[dict[str, Any]]) -> tuple[float | None, str | None]
     side, it is that kind of bound; on bounds of both sides, it is unknown (None, "unknown")."""
     keyed = []
     for c in seeds:
-        if c.get("ratio") is None or c.get("bound") == "none":
+        if c.get("ratio") is None or c.get("bound") == "neither":
             continue
         side = c.get("bound")
         keyed.append((math.inf if side == "lower" else -math.inf if side == "upper" else c["ratio"], c["ratio"], side))
@@ -345,6 +346,11 @@ def ceiling(fixed: float, work: float, fraction: float) -> float:
     return (fixed + work) / (fixed + fraction * work)
 
 
+def p2_cpus(machine_cpus: int | None, concurrency: int) -> int:
+    """CPUs per P2 trial: the machine's, shared by the trials that run at once."""
+    return max(1, (machine_cpus or 1) // concurrency)
+
+
 def p2_space(b: Bench) -> Path:
     return cold_space(b.out) if b.args.p2_space == "cold" else (ROOT / b.args.p2_space).resolve()
 
@@ -353,7 +359,7 @@ def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, An
     from search.report import trial_histories
 
     extra = ["--set", f"num_trials={b.args.p2_trials}", "--set", f"max_concurrent_trials={b.args.p2_concurrency}",
-             "--set", f"resources.cpus_per_worker={max(1, (os.cpu_count() or 1) // b.args.p2_concurrency)}",
+             "--set", f"resources.cpus_per_worker={p2_cpus(os.cpu_count(), b.args.p2_concurrency)}",
              "--set", f"searcher.seed={seed}", "--set", f"space={p2_space(b)}",
              "--set", f"searcher.algorithm={'tpe' if tpe_asha else 'random'}",
              "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
@@ -609,7 +615,7 @@ def markdown(report: dict[str, Any]) -> str:
         st = report.get("settings") or {}
         if st.get("p2_steps"):
             every = st["p2_steps"] // st["p2_evals"]
-            cpus = max(1, (report["machine"].get("cpus") or 1) // st.get("p2_concurrency", 2))
+            cpus = p2_cpus(report["machine"].get("cpus"), st.get("p2_concurrency", 2))
             rungs, r = [], every
             while r < st["p2_steps"] + every:  # ASHA's milestones: grace x rf^k below max_t (search/driver.py)
                 rungs.append(f"{r:g}")

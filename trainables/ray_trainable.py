@@ -127,7 +127,8 @@ def trainer_class(resources: TrialResources):
     group to set up, yet TorchTrainer charges it a fixed price per trial: the Train controller imports torch to
     unpickle the torch backend, and the worker sets up a one-rank process group before training. Ray Train's base
     `DataParallelTrainer` (the same controller, worker group, checkpointing and failure handling, no backend) skips
-    both: 7-9 s less per trial on 2 CPUs (bench/README.md). `torch_process_group="always"` keeps TorchTrainer."""
+    both: 5.6 s less fixed cost per trial on 2 CPUs (bench/README.md, P1). `torch_process_group="always"` keeps
+    TorchTrainer."""
     if resources.num_workers > 1 or resources.torch_process_group == "always":
         from ray.train.torch import TorchTrainer
 
