@@ -1,9 +1,9 @@
 """The performance benchmark: the search against its plain alternatives, in one run (see bench/README.md).
 
-    python -m bench.run                      # about 30 minutes on 2 CPUs; writes bench/results/<time>/
+    python -m bench.run                      # under 40 minutes on 2 CPUs; writes bench/results/<time>/
     python -m bench.run --only p1 --out /tmp/b
 
-Every part runs the real path: `python -m search.run` in its own process (local Ray, TorchTrainer trials, the tiny
+Every part runs the real path: `python -m search.run` in its own process (local Ray, a Ray Train run per trial, the tiny
 Qwen3-architecture model in 4-bit + LoRA, the bundled SMS Spam data, MLflow in a sqlite store of the benchmark's own),
 and the bare loop (`bench.bare`) in its own process.
 
@@ -69,41 +69,78 @@ class Bench:
     def __init__(self, out: Path, args: argparse.Namespace):
         self.out = out
         self.args = args
-        self.mlflow = f"sqlite:///{out / 'mlflow.db'}"
 
-    def sets(self, steps: int, every: int, eval_examples: int) -> list[str]:
+    def sets(self, name: str, steps: int, every: int, eval_examples: int) -> list[str]:
+        # every search its own sqlite store (out/mlflow/<name>.db, adapters in out/mlflow/mlruns): P2 runs two
+        # searches at once, and two processes writing one sqlite file wait on each other's locks
         return ["--set", f"trial.optim.max_steps={steps}", "--set", f"trial.eval.every_steps={every}",
                 "--set", f"trial.eval.max_examples={eval_examples}",
-                "--set", f"output_dir={self.out / 'runs'}", "--set", f"mlflow.tracking_uri={self.mlflow}",
+                "--set", f"output_dir={self.out / 'runs'}",
+                "--set", f"mlflow.tracking_uri=sqlite:///{self.out / 'mlflow' / name}.db",
                 "--set", f"model_cache={ROOT / '.cache'}"]
 
     @staticmethod
     def run(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, float, float, float | None]:
         """Run `cmd` from the repository root with its output in `log`: (exit code, start time, wall seconds, CPU
         steal meanwhile)."""
-        t, cpu = time.time(), cpu_times()
-        with open(log, "w") as fh:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env}).returncode
-        return rc, t, time.time() - t, steal_since(cpu)
+        return Bench.run_together([(cmd, log, env)])[0]
+
+    @staticmethod
+    def run_together(jobs: list[tuple[list[str], Path, dict[str, str]]]) -> list[tuple[int, float, float,
+                                                                                       float | None]]:
+        """Start every (command, log, env) at once from the repository root; for each, when it has ended: (exit
+        code, start time, wall seconds, CPU steal meanwhile). Ctrl-C stops them all."""
+        started = []
+        try:
+            for cmd, log, env in jobs:
+                fh = open(log, "w")
+                t, cpu = time.time(), cpu_times()
+                started.append((subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                                 env={**os.environ, **env}), fh, t, cpu))
+            done: dict[int, tuple[int, float, float, float | None]] = {}
+            while len(done) < len(started):
+                for i, (proc, fh, t, cpu) in enumerate(started):
+                    if i not in done and proc.poll() is not None:
+                        done[i] = (proc.returncode, t, time.time() - t, steal_since(cpu))
+                        fh.close()
+                time.sleep(0.1)
+            return [done[i] for i in range(len(started))]
+        finally:
+            for proc, fh, _t, _cpu in started:
+                if proc.poll() is None:  # interrupted: a search takes SIGTERM as its graceful stop
+                    proc.terminate()
+                    proc.wait()
+                fh.close()
 
     def search(self, name: str, extra: list[str], steps: int, every: int, env: dict[str, str] | None = None,
                eval_examples: int | None = None) -> dict[str, Any]:
         """Run `python -m search.run` in its own process; its summary.json plus the command's wall time."""
-        cmd = [sys.executable, "-m", "search.run", "--config", CONFIG, "--name", name,
-               *self.sets(steps, every, eval_examples or self.args.eval_examples), "--set", "test_evaluation=false",
-               *extra]
-        log = self.out / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        rc, t, wall, steal = self.run(cmd, log, env or {})
-        summary_path = self.out / "runs" / name / "summary.json"
-        if rc != 0 or not summary_path.is_file():
-            raise RuntimeError(f"search {name} failed (exit {rc}); see {log}")
-        summary = json.loads(summary_path.read_text())
-        summary["command_seconds"] = round(wall, 2)
-        summary["cpu_steal"] = steal
-        summary["started_at"] = t
-        return summary
+        return self.searches([(name, extra, env)], steps, every, eval_examples)[0]
+
+    def searches(self, jobs: list[tuple[str, list[str], dict[str, str] | None]], steps: int, every: int,
+                 eval_examples: int | None = None) -> list[dict[str, Any]]:
+        """Run a `python -m search.run` for each (name, extra --set arguments, env), all at once, each in its own
+        process and local Ray; each one's summary.json plus its command's wall time and CPU steal."""
+        cmds = []
+        for name, extra, env in jobs:
+            cmd = [sys.executable, "-m", "search.run", "--config", CONFIG, "--name", name,
+                   *self.sets(name, steps, every, eval_examples or self.args.eval_examples),
+                   "--set", "test_evaluation=false", *extra]
+            log = self.out / "logs" / f"{name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            (self.out / "mlflow").mkdir(parents=True, exist_ok=True)
+            cmds.append((cmd, log, env or {}))
+        out = []
+        for (name, _extra, _env), (_cmd, log, _e), (rc, t, wall, steal) in zip(jobs, cmds, self.run_together(cmds)):
+            summary_path = self.out / "runs" / name / "summary.json"
+            if rc != 0 or not summary_path.is_file():
+                raise RuntimeError(f"search {name} failed (exit {rc}); see {log}")
+            summary = json.loads(summary_path.read_text())
+            summary["command_seconds"] = round(wall, 2)
+            summary["cpu_steal"] = steal
+            summary["started_at"] = t
+            out.append(summary)
+        return out
 
     def bare(self, settings: dict[str, Any], name: str) -> dict[str, Any]:
         path = self.out / "logs" / f"{name}.settings.json"
@@ -193,8 +230,8 @@ def p1(b: Bench) -> dict[str, Any]:
     # as it has CPUs): the ratio then measures the search path, not a smaller share of the machine
     extra = ["--set", "num_trials=1", "--set", "searcher.algorithm=random", "--set", "max_concurrent_trials=1",
              "--set", f"resources.cpus_per_worker={os.cpu_count()}"]
-    for key, name, env, sets in (("before", "p1-search-before", BEFORE["env"], BEFORE["sets"]),
-                                 ("after", "p1-search", None, [])):
+    searches = [("before", "p1-search-before", BEFORE["env"], BEFORE["sets"])] if b.args.p1_before else []
+    for key, name, env, sets in searches + [("after", "p1-search", None, [])]:
         s = b.search(name, extra + sets, steps, every, env=env)
         t = s["trials"][0]
         timing = t.get("timing") or {}
@@ -215,11 +252,11 @@ def p1(b: Bench) -> dict[str, Any]:
     again = b.bare(trial_settings(steps, every, b.args.eval_examples), "p1-bare-again")
     out["bare_again_seconds"], out["bare_again_cpu_steal"] = again["wall_seconds"], again["cpu_steal"]
     out["bare_seconds_mean"] = round((bare["wall_seconds"] + again["wall_seconds"]) / 2, 2)
-    for key in ("before", "after"):
+    for key in [k for k in ("before", "after") if k in out]:
         out[key]["ratio"] = round(out[key]["trial_seconds"] / out["bare_seconds_mean"], 3)
         out[key]["ratio_whole_command"] = round(out[key]["search_command_seconds"] / out["bare_seconds_mean"], 3)
-    _say(f"P1: bare loop again {again['wall_seconds']:.1f} s; ratio before {out['before']['ratio']}, "
-         f"after {out['after']['ratio']} (to the mean bare loop)")
+    _say(f"P1: bare loop again {again['wall_seconds']:.1f} s; ratio "
+         + ", ".join(f"{k} {out[k]['ratio']}" for k in ("before", "after") if k in out) + " (to the mean bare loop)")
     out["ratio"] = out["after"]["ratio"]
     return out
 
@@ -346,27 +383,90 @@ def ceiling(fixed: float, work: float, fraction: float) -> float:
     return (fixed + work) / (fixed + fraction * work)
 
 
-def p2_cpus(machine_cpus: int | None, concurrency: int) -> int:
-    """CPUs per P2 trial: the machine's, shared by the trials that run at once."""
-    return max(1, (machine_cpus or 1) // concurrency)
+def p2_cpus(machine_cpus: int | None, concurrency: int, together: bool) -> int:
+    """CPUs per P2 trial: the machine's, shared by the trials that run at once (`concurrency` per search, and both
+    searches of a seed when they run `together`)."""
+    return max(1, (machine_cpus or 1) // (concurrency * (2 if together else 1)))
 
 
 def p2_space(b: Bench) -> Path:
     return cold_space(b.out) if b.args.p2_space == "cold" else (ROOT / b.args.p2_space).resolve()
 
 
-def strategy_run(b: Bench, name: str, seed: int, tpe_asha: bool) -> dict[str, Any]:
-    from search.report import trial_histories
+STRATEGIES = (("tpe_asha", True), ("random_fifo", False))
 
+
+def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
+    """The `--set` arguments of one P2 search: the same budget, concurrency and CPUs for both strategies."""
+    cpus = p2_cpus(os.cpu_count(), b.args.p2_concurrency, not b.args.p2_apart)
     extra = ["--set", f"num_trials={b.args.p2_trials}", "--set", f"max_concurrent_trials={b.args.p2_concurrency}",
-             "--set", f"resources.cpus_per_worker={p2_cpus(os.cpu_count(), b.args.p2_concurrency)}",
+             "--set", f"resources.cpus_per_worker={cpus}",
              "--set", f"searcher.seed={seed}", "--set", f"space={p2_space(b)}",
              "--set", f"searcher.algorithm={'tpe' if tpe_asha else 'random'}",
              "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
     if tpe_asha:
         extra += ["--set", f"scheduler.reduction_factor={b.args.reduction_factor}"]
+    return extra
+
+
+class SharedRay:
+    """A local Ray cluster on this machine for P2's searches to share (`ray_address`): the searches that run side by
+    side then share one raylet, dashboard and worker pool, as they would on a cluster, instead of each starting its
+    own local Ray (two of everything, and each raylet starting its trial's ~5 processes one at a time on its 1
+    CPU). Started in this process with `ray.init`; `close` stops it."""
+
+    def __init__(self, cpus: int):
+        import ray
+
+        from search.driver import _free_port
+
+        port = _free_port()
+        # Ray Train's placement-group cleaner asks the state API (the dashboard) whether a trial's controller died;
+        # with other Ray instances on the machine an address-less lookup fails (search/driver.py): give it ours
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 log_to_driver=False, logging_level="WARNING", configure_logging=False)
+        self.address = ray.get_runtime_context().gcs_address
+
+    def close(self) -> None:
+        import ray
+
+        ray.shutdown()
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+
+
+def seed_runs(b: Bench, seed: int) -> dict[str, dict[str, Any]]:
+    """Both strategies' searches of one seed: side by side by default (started together, each on its share of the
+    CPUs, so the CPU the hypervisor hands out meanwhile is the same for both), or one after the other (`--p2-apart`)."""
     steps, every = b.args.p2_steps, b.args.p2_steps // b.args.p2_evals
-    s = b.search(name, extra, steps, every, eval_examples=b.args.p2_eval_examples)
+    jobs = {key: (f"p2-{key}-seed{seed}", strategy_sets(b, seed, tpe_asha), None) for key, tpe_asha in STRATEGIES}
+    what = f"{b.args.p2_trials} trials of {steps} steps"
+    if b.args.p2_apart:
+        summaries = {}
+        for key, job in jobs.items():
+            _say(f"P2: seed {seed}, {key.replace('_', ' + ')}: {what}")
+            summaries[key] = b.searches([job], steps, every, b.args.p2_eval_examples)[0]
+    else:
+        _say(f"P2: seed {seed}, TPE + ASHA and random search side by side: {what} each")
+        ray = SharedRay(os.cpu_count() or 1)
+        try:
+            jobs = {k: (name, extra + ["--set", f"ray_address={ray.address}"], env)
+                    for k, (name, extra, env) in jobs.items()}
+            summaries = dict(zip(jobs, b.searches(list(jobs.values()), steps, every, b.args.p2_eval_examples)))
+        finally:
+            ray.close()
+    pair = {key: strategy_result(b, jobs[key][0], seed, s) for key, s in summaries.items()}
+    for key, r in pair.items():
+        _say(f"P2: {key} seed {seed}: best {r['best_value']} in {r['wall_seconds']:.0f} s, "
+             f"{r['stopped_early']} stopped early")
+    return pair
+
+
+def strategy_result(b: Bench, name: str, seed: int, s: dict[str, Any]) -> dict[str, Any]:
+    """One P2 search's figures from its summary and its trials' results."""
+    from search.report import trial_histories
+
+    steps = b.args.p2_steps
     mode = s["objective"]["mode"]
     hist = trial_histories(b.out / "runs" / name, s["objective"]["metric"])
     curve = best_so_far_curve(hist, s["started_at"], mode)
@@ -403,12 +503,7 @@ def p2(b: Bench) -> dict[str, Any]:
     seeds = list(range(b.args.p2_seeds))
     per_seed, runs = [], []
     for seed in seeds:
-        pair = {}
-        for key, tpe_asha in (("tpe_asha", True), ("random_fifo", False)):
-            _say(f"P2: seed {seed}, {key.replace('_', ' + ')}: {b.args.p2_trials} trials of {b.args.p2_steps} steps")
-            pair[key] = strategy_run(b, f"p2-{key}-seed{seed}", seed, tpe_asha)
-            _say(f"P2: {key} seed {seed}: best {pair[key]['best_value']} in {pair[key]['wall_seconds']:.0f} s, "
-                 f"{pair[key]['stopped_early']} stopped early")
+        pair = seed_runs(b, seed)
         c = compare(pair, "max")
         c["seed"] = seed
         per_seed.append(c)
@@ -501,8 +596,8 @@ def plots(out: Path, report: dict[str, Any]) -> list[str]:
     if "p1" in report:
         fig, ax = plt.subplots(figsize=(8, 3.8))
         p = report["p1"]
-        bars = (("bare loop", p["bare_breakdown"]), ("trial, before", p["before"]["trial_breakdown"]),
-                ("trial, after", p["after"]["trial_breakdown"]))
+        bars = [("bare loop", p["bare_breakdown"])] + [(f"trial, {k}", p[k]["trial_breakdown"])
+                                                       for k in ("before", "after") if k in p]
         colors: dict[str, Any] = {}
         for row, (label, parts) in enumerate(bars):
             left = 0.0
@@ -515,7 +610,8 @@ def plots(out: Path, report: dict[str, Any]) -> list[str]:
                 left += v
         ax.set_yticks(range(len(bars)), [label for label, _ in bars])
         ax.set_xlabel("seconds")
-        ax.set_title(f"P1: one trial, {p['steps']} steps (ratio before {p['before']['ratio']}, after {p['ratio']})")
+        ax.set_title(f"P1: one trial, {p['steps']} steps (ratio "
+                     + ", ".join(f"{k} {p[k]['ratio']}" for k in ("before", "after") if k in p) + ")")
         ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
         fig.tight_layout()
         fig.savefig(out / "p1_breakdown.png", dpi=110)
@@ -582,29 +678,34 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{report['p4']['ratio_all_data']} | for information |")
     if "p1" in report:
         p = report["p1"]
-        a, bf = p["after"], p["before"]
+        a = p["after"]
+        runs = [(k, p[k]) for k in ("before", "after") if k in p]  # "before" with --p1-before
+
+        def each(fmt) -> str:
+            return ", ".join(f"{k} {fmt(r)}" for k, r in runs)
+
         lines += ["", f"## P1: one trial of {p['steps']} steps", "",
                   f"Bare loop {p['bare_seconds']} s (process start to exit, val_f1 {p['bare_objective']})"
                   + (f", and {p['bare_again_seconds']} s run again after the trials; the ratios divide by the mean, "
                      f"{p['bare_seconds_mean']} s" if "bare_seconds_mean" in p else "") + ". The same "
-                  f"trial in a 1-trial search, from Tune starting it to Tune seeing it end: before "
-                  f"{bf['trial_seconds']} s (ratio {bf['ratio']}), after {a['trial_seconds']} s (ratio {a['ratio']}, "
-                  f"val_f1 {a['objective']}). Fixed cost (everything but data, model load, evaluation and training): "
-                  f"bare {p['bare_fixed_seconds']} s, trial before {bf['fixed_seconds']} s, "
-                  f"after {a['fixed_seconds']} s.",
+                  f"trial in a 1-trial search, from Tune starting it to Tune seeing it end: "
+                  + each(lambda r: f"{r['trial_seconds']} s (ratio {r['ratio']})")
+                  + f"; val_f1 {a['objective']}. Fixed cost (everything but data, model load, evaluation and "
+                  f"training): bare {p['bare_fixed_seconds']} s, trial " + each(lambda r: f"{r['fixed_seconds']} s")
+                  + ".",
                   f"The whole `search.run` command (Ray start {a['ray_start_seconds']} s, data encoded once, the "
-                  f"trial, report; the benchmark turns the test evaluation off): before "
-                  f"{bf['search_command_seconds']} s, after {a['search_command_seconds']} s (ratio to the bare loop "
-                  f"{a['ratio_whole_command']}).",
+                  f"trial, report; the benchmark turns the test evaluation off): "
+                  + each(lambda r: f"{r['search_command_seconds']} s")
+                  + f" (after: ratio to the bare loop {a['ratio_whole_command']}).",
                   *([f"CPU time the hypervisor gave to other guests (steal) while each ran: bare "
-                     f"{_pct(p['bare_cpu_steal'])}, before {_pct(bf.get('cpu_steal'))}, after "
-                     f"{_pct(a.get('cpu_steal'))}, bare again {_pct(p.get('bare_again_cpu_steal'))}."]
+                     f"{_pct(p['bare_cpu_steal'])}, " + each(lambda r: _pct(r.get("cpu_steal")))
+                     + f", bare again {_pct(p.get('bare_again_cpu_steal'))}."]
                     if p.get("bare_cpu_steal") is not None else []),
                   ""]
         keys = list(dict.fromkeys(list(p["bare_breakdown"]) + list(a["trial_breakdown"])))
-        lines += md_table(["phase", "bare loop (s)", "trial before (s)", "trial after (s)"],
-                          [[k, p["bare_breakdown"].get(k, ""), bf["trial_breakdown"].get(k, ""),
-                            a["trial_breakdown"].get(k, "")] for k in keys])
+        lines += md_table(["phase", "bare loop (s)"] + [f"trial {k} (s)" for k, _ in runs],
+                          [[k, p["bare_breakdown"].get(k, "")] + [r["trial_breakdown"].get(k, "") for _, r in runs]
+                           for k in keys])
         lines += ["", "![P1](p1_breakdown.png)"]
     if "p2" in report:
         p = report["p2"]
@@ -615,7 +716,8 @@ def markdown(report: dict[str, Any]) -> str:
         st = report.get("settings") or {}
         if st.get("p2_steps"):
             every = st["p2_steps"] // st["p2_evals"]
-            cpus = p2_cpus(report["machine"].get("cpus"), st.get("p2_concurrency", 2))
+            apart = st.get("p2_apart", True)  # reports from before side by side ran the searches apart
+            cpus = p2_cpus(report["machine"].get("cpus"), st.get("p2_concurrency", 2), not apart)
             rungs, r = [], every
             while r < st["p2_steps"] + every:  # ASHA's milestones: grace x rf^k below max_t (search/driver.py)
                 rungs.append(f"{r:g}")
@@ -626,7 +728,12 @@ def markdown(report: dict[str, Any]) -> str:
                       f"start-up trials; ASHA: grace period one evaluation, reduction factor "
                       f"{st['reduction_factor']:g} (rungs at steps {', '.join(rungs)}), ties at a rung ordered by "
                       f"eval loss. Random search runs every "
-                      f"trial to the end. Same seed, trial budget and concurrency for both.", ""]
+                      f"trial to the end. Same seed, trial budget and concurrency for both"
+                      + (", one after the other." if apart else
+                         ": the two searches of a seed run side by side, started together, each in its own process "
+                         "and local Ray on its share of the CPUs, so both meet the same CPU steal. The one that "
+                         "ends first leaves the other the machine's spare time (start-ups no longer overlap): that "
+                         "favours whichever runs longer, random search as a rule."), ""]
         lines += md_table(["seed", "best either found", "TPE+ASHA: s to within 1%", "random no-ES: s to within 1%",
                            "ratio"],
                           [[c["seed"], f"{c['reference_best']:.4f}", cell(c["tpe_asha"]), cell(c["random_fifo"]),
@@ -704,20 +811,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p1-steps", type=int, help="Steps of the P1 trial (default: as many as make the bare loop "
                     "last --p1-seconds on this machine, from a short calibration run).")
     ap.add_argument("--p1-seconds", type=float, default=120.0, help="Bare-loop length P1 calibrates to.")
-    # P2's defaults fit the whole benchmark in about 35 minutes on 2 cores with native bf16 (an Intel Xeon with AMX,
-    # bench/README.md): 8 trials of 24 steps, 2 at a time, an evaluation every 4 steps (ASHA's rungs at steps 4 and
-    # 12). On a 2-core AVX2 machine a step is several times slower (bench/README.md): give P2 longer there.
+    ap.add_argument("--p1-before", action="store_true", help="Also time P1's trial as it was before the per-trial "
+                    "cost was cut (bench/README.md; about 4 minutes more).")
+    # P2's defaults are sized for the whole benchmark to take under 40 minutes on 2 cores with native bf16 (an Intel
+    # Xeon with AMX, bench/README.md): per seed, the two searches side by side, each 6 trials of 24 steps one at a
+    # time on 1 CPU, an evaluation every 4 steps (ASHA's rungs at steps 4 and 12); a full trial then takes about 90 s.
+    # On a 2-core AVX2 machine a step is several times slower (bench/README.md): give P2 longer there.
     ap.add_argument("--p2-steps", type=int, default=24)
     ap.add_argument("--p2-space", default=WIDE_SPACE, help=f"P2's search space (default {WIDE_SPACE}); 'cold': "
                     f"{SPACE} without its warm-start point.")
-    ap.add_argument("--p2-trials", type=int, default=8)
+    ap.add_argument("--p2-trials", type=int, default=6)
     ap.add_argument("--p2-seeds", type=int, default=3)
     ap.add_argument("--p2-evals", type=int, default=6, help="Evaluations per P2 trial (ASHA's rungs are at the "
                     "first, then every reduction-factor times as many steps).")
     ap.add_argument("--p2-eval-examples", type=int, default=64, help="Validation examples per P2 evaluation.")
     ap.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor in P2.")
-    ap.add_argument("--p2-concurrency", type=int, default=2, help="Trials at once in each P2 search (both "
-                    "strategies); each trial gets the machine's CPUs divided by this.")
+    ap.add_argument("--p2-concurrency", type=int, default=1, help="Trials at once in each P2 search (both "
+                    "strategies); a trial gets the machine's CPUs divided by the trials running at once (this, "
+                    "times 2 when the searches run side by side).")
+    ap.add_argument("--p2-apart", action="store_true", help="Run a seed's two P2 searches one after the other, "
+                    "each with the whole machine, instead of side by side (the default).")
     ap.add_argument("--eval-examples", type=int, default=128, help="Validation examples per P1 evaluation.")
     ap.add_argument("--redraw", metavar="DIR", help="Only redraw the plots and report.md of an earlier run in DIR.")
     args = ap.parse_args(argv)

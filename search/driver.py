@@ -325,7 +325,7 @@ def run_search(cfg: ExperimentConfig, space: Space, plan: dict, resume: bool = F
     out.mkdir(parents=True, exist_ok=True)
     cfg = prepare_data_cache(resolve_model(cfg))
     c = tracking.client(cfg.mlflow.tracking_uri)
-    exp_id = tracking.experiment_id(c, cfg.mlflow.experiment)
+    exp_id = tracking.experiment_id(c, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
     parent = tracking.find_or_create_parent(c, exp_id, cfg.name, resume)
     if not resume:
         tracking.log_parent_info(

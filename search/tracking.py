@@ -51,9 +51,24 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def experiment_id(c, name: str) -> str:
+def experiment_id(c, name: str, tracking_uri: str | None = None) -> str:
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    if exp:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=artifact_location(tracking_uri or ""))
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts (adapters): for a sqlite store, `mlruns/` beside the database file,
+    so the store and its adapters stay together wherever the store is. MLflow's own default is `./mlruns` of the
+    working directory, the same place for the default `sqlite:///mlflow.db` but not for a store elsewhere. None
+    (the store's default) for other stores: a tracking server has its own artifact root."""
+    if not tracking_uri.lower().startswith("sqlite:///"):
+        return None
+    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).expanduser().resolve().parent / "mlruns").as_uri()
 
 
 def find_or_create_parent(c, exp_id: str, search_name: str, resume: bool) -> str:

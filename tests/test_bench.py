@@ -102,3 +102,36 @@ def test_best_stopped_early_needs_a_best():
     flat = [{"trial_id": "a", "value": 0.0, "stopped_early": True}, {"trial_id": "b", "value": 0.0,
                                                                         "stopped_early": False}]
     assert best_stopped_early(flat, "a") is None
+
+
+def test_searches_side_by_side_run_at_once_and_each_is_timed(tmp_path):
+    """P2's two searches of a seed run at the same time: here each command waits for the other to have started, so
+    run one after the other, the first would wait forever (and fail at its deadline)."""
+    import sys
+
+    from bench.run import Bench
+
+    def waits_for(other: str, me: str) -> list[str]:
+        code = (f"import pathlib, time, sys; d = pathlib.Path({str(tmp_path)!r}); (d / {me!r}).touch(); "
+                f"t = time.time() + 60\n"
+                f"while not (d / {other!r}).exists():\n"
+                f"    time.sleep(0.05)\n"
+                f"    if time.time() > t: sys.exit(3)\n")
+        return [sys.executable, "-c", code]
+
+    out = Bench.run_together([(waits_for("b", "a"), tmp_path / "a.log", {}),
+                              (waits_for("a", "b"), tmp_path / "b.log", {})])
+    assert [rc for rc, *_ in out] == [0, 0]
+    assert all(wall > 0 for _rc, _t, wall, _steal in out)
+    failed = Bench.run_together([([sys.executable, "-c", "import sys; print('x'); sys.exit(5)"], tmp_path / "c.log",
+                                  {})])
+    assert failed[0][0] == 5 and (tmp_path / "c.log").read_text() == "x\n"
+
+
+def test_p2_cpus_share_the_machine_between_the_trials_running_at_once():
+    from bench.run import p2_cpus
+
+    assert p2_cpus(2, 1, together=True) == 1  # two searches side by side, one trial each
+    assert p2_cpus(2, 1, together=False) == 2
+    assert p2_cpus(8, 2, together=True) == 2
+    assert p2_cpus(2, 2, together=True) == 1  # never below one
