@@ -225,7 +225,7 @@ def p1(b: Bench) -> dict[str, Any]:
            "bare_cpu_steal": bare["cpu_steal"],
            "bare_breakdown": {k: round(v, 2) for k, v in bare_breakdown.items()},
            "bare_fixed_seconds": round(bare["wall_seconds"] - sum(bare_breakdown[k] for k in WORK), 2)}
-    _say(f"P1: bare loop took {bare['wall_seconds']:.1f} s; now the same trial through search.run, before and after")
+    _say(f"P1: bare loop took {bare['wall_seconds']:.1f} s; now the same trial through search.run")
     # the one trial gets the machine's CPUs, as the bare loop does (a trial's worker runs torch on as many threads
     # as it has CPUs): the ratio then measures the search path, not a smaller share of the machine
     extra = ["--set", "num_trials=1", "--set", "searcher.algorithm=random", "--set", "max_concurrent_trials=1",
@@ -730,10 +730,10 @@ def markdown(report: dict[str, Any]) -> str:
                       f"eval loss. Random search runs every "
                       f"trial to the end. Same seed, trial budget and concurrency for both"
                       + (", one after the other." if apart else
-                         ": the two searches of a seed run side by side, started together, each in its own process "
-                         "and local Ray on its share of the CPUs, so both meet the same CPU steal. The one that "
-                         "ends first leaves the other the machine's spare time (start-ups no longer overlap): that "
-                         "favours whichever runs longer, random search as a rule."), ""]
+                         ": the two searches of a seed run side by side, started together, each in its own process, "
+                         "both on one local Ray the benchmark starts, so both meet the same CPU steal. The one that "
+                         "ends first leaves the other the machine's spare CPU (its start-ups no longer overlap "
+                         "another's): that favours whichever runs longer, random search as a rule."), ""]
         lines += md_table(["seed", "best either found", "TPE+ASHA: s to within 1%", "random no-ES: s to within 1%",
                            "ratio"],
                           [[c["seed"], f"{c['reference_best']:.4f}", cell(c["tpe_asha"]), cell(c["random_fifo"]),

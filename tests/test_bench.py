@@ -135,3 +135,25 @@ def test_p2_cpus_share_the_machine_between_the_trials_running_at_once():
     assert p2_cpus(2, 1, together=False) == 2
     assert p2_cpus(8, 2, together=True) == 2
     assert p2_cpus(2, 2, together=True) == 1  # never below one
+
+
+def test_side_by_side_searches_join_the_benchmarks_shared_ray(tmp_path):
+    """P2's searches of a seed share one local Ray started by the benchmark (SharedRay): a real cluster, which
+    `search.run` joins through `ray_address` and checks before it would search (--dry-run)."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.run import ROOT, SharedRay
+
+    ray = SharedRay(1)
+    try:
+        assert os.environ["RAY_API_SERVER_ADDRESS"].startswith("http://127.0.0.1:")
+        proc = subprocess.run([sys.executable, "-m", "search.run", "--dry-run", "--set", f"ray_address={ray.address}",
+                               "--set", f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        ray.close()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cluster: 1 node(s) alive with" in proc.stdout and "'CPU': 1.0" in proc.stdout
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
