@@ -120,7 +120,8 @@ class Bench:
     def searches(self, jobs: list[tuple[str, list[str], dict[str, str] | None]], steps: int, every: int,
                  eval_examples: int | None = None) -> list[dict[str, Any]]:
         """Run a `python -m search.run` for each (name, extra --set arguments, env), all at once, each in its own
-        process and local Ray; each one's summary.json plus its command's wall time and CPU steal."""
+        process (and its own local Ray, unless `extra` sets `ray_address`); each one's summary.json plus its
+        command's wall time and CPU steal."""
         cmds = []
         for name, extra, env in jobs:
             cmd = [sys.executable, "-m", "search.run", "--config", CONFIG, "--name", name,
@@ -412,8 +413,8 @@ def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
 class SharedRay:
     """A local Ray cluster on this machine for P2's searches to share (`ray_address`): the searches that run side by
     side then share one raylet, dashboard and worker pool, as they would on a cluster, instead of each starting its
-    own local Ray (two of everything, and each raylet starting its trial's ~5 processes one at a time on its 1
-    CPU). Started in this process with `ray.init`; `close` stops it."""
+    own local Ray (a trial took 72-78 s with a Ray each against 50-57 s with one shared, bench/README.md). Started
+    in this process with `ray.init`; `close` stops it."""
 
     def __init__(self, cpus: int):
         import ray
@@ -422,7 +423,8 @@ class SharedRay:
 
         port = _free_port()
         # Ray Train's placement-group cleaner asks the state API (the dashboard) whether a trial's controller died;
-        # with other Ray instances on the machine an address-less lookup fails (search/driver.py): give it ours
+        # with other Ray instances on the machine an address-less lookup fails (search/driver.py): give it ours,
+        # here and in the searches started from this process (they inherit the environment)
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  log_to_driver=False, logging_level="WARNING", configure_logging=False)
