@@ -413,7 +413,7 @@ def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
 class SharedRay:
     """A local Ray cluster on this machine for P2's searches to share (`ray_address`): the searches that run side by
     side then share one raylet, dashboard and worker pool, as they would on a cluster, instead of each starting its
-    own local Ray (a trial took 72-78 s with a Ray each against 50-57 s with one shared, bench/README.md). Started
+    own local Ray (a trial took 66-78 s with a Ray each against 50-57 s with one shared, bench/README.md). Started
     in this process with `ray.init`; `close` stops it."""
 
     def __init__(self, cpus: int):
