@@ -99,10 +99,9 @@ class Bench:
                                                  env={**os.environ, **env}), fh, t, cpu))
             done: dict[int, tuple[int, float, float, float | None]] = {}
             while len(done) < len(started):
-                for i, (proc, fh, t, cpu) in enumerate(started):
+                for i, (proc, _fh, t, cpu) in enumerate(started):
                     if i not in done and proc.poll() is not None:
                         done[i] = (proc.returncode, t, time.time() - t, steal_since(cpu))
-                        fh.close()
                 time.sleep(0.1)
             return [done[i] for i in range(len(started))]
         finally:
@@ -419,15 +418,10 @@ class SharedRay:
     def __init__(self, cpus: int):
         import ray
 
-        from search.driver import _free_port
+        from search.driver import start_local_ray
 
-        port = _free_port()
-        # Ray Train's placement-group cleaner asks the state API (the dashboard) whether a trial's controller died;
-        # with other Ray instances on the machine an address-less lookup fails (search/driver.py): give it ours,
-        # here and in the searches started from this process (they inherit the environment)
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 log_to_driver=False, logging_level="WARNING", configure_logging=False)
+        # the searches started from this process inherit the dashboard's address it sets (RAY_API_SERVER_ADDRESS)
+        start_local_ray(cpus, log_to_driver=False, logging_level="WARNING", configure_logging=False)
         self.address = ray.get_runtime_context().gcs_address
 
     def close(self) -> None:

@@ -79,19 +79,28 @@ def _start_ray(cfg: ExperimentConfig, plan: dict, verbose: bool) -> None:
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, runtime_env={"env_vars": env}, log_to_driver=verbose)
     else:
-        # The dashboard must run: Ray Train's placement-group cleaner asks the state API (served by the dashboard)
-        # whether a trial's Train controller is dead before it frees the trial's workers' resources. Without it,
-        # every trial that Tune stops (ASHA) leaks its CPUs and later trials wait forever for workers.
-        # The cleaner finds the state API by address. With another Ray instance on this machine (a second search, a
-        # test's cluster) an address-less lookup fails ("Found multiple active Ray instances") and stopped trials'
-        # resources are never freed: give the dashboard a port of its own and tell every process where it is.
-        port = _free_port()
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
-        ray.init(num_cpus=int(plan["cluster"]["CPU"]), num_gpus=int(plan["cluster"].get("GPU", 0)),
-                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 runtime_env={"env_vars": env}, log_to_driver=verbose,
-                 logging_level=logging.INFO if verbose else logging.WARNING)
+        start_local_ray(int(plan["cluster"]["CPU"]), int(plan["cluster"].get("GPU", 0)), env,
+                        log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
+
+
+def start_local_ray(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None = None, **init_kwargs) -> None:
+    """`ray.init` a local Ray on this machine, with its dashboard on a port of its own (`env`: the workers'
+    environment variables, given the dashboard's address too).
+
+    The dashboard must run: Ray Train's placement-group cleaner asks the state API (served by the dashboard) whether
+    a trial's Train controller is dead before it frees the trial's workers' resources. Without it, every trial that
+    Tune stops (ASHA) leaks its CPUs and later trials wait forever for workers. The cleaner finds the state API by
+    address. With another Ray instance on this machine (a second search, a test's cluster) an address-less lookup
+    fails ("Found multiple active Ray instances") and stopped trials' resources are never freed: the dashboard gets
+    a port of its own, and this process, the processes it starts and Ray's workers are told where it is
+    (RAY_API_SERVER_ADDRESS)."""
+    import ray
+
+    port = _free_port()
+    env = dict(env or {})
+    env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, runtime_env={"env_vars": env}, **init_kwargs)
 
 
 def _free_port() -> int:
