@@ -46,6 +46,10 @@ class ResourceSettings(_Strict):
         "auto", description="auto: Ray Train's TorchTrainer (a torch process group) only for several workers, the "
         "base DataParallelTrainer for one (several seconds less per trial); always: TorchTrainer for one worker too, "
         "for a custom trainable that needs torch.distributed.")
+    warm_workers: bool = Field(
+        True, description="Run each trial's SFT loop in a warm process per node and trial slot that imported the "
+        "training stack once (trainables/warm.py), rather than in the new Train worker process, which would import it "
+        "again (~10 s a trial on 2 CPUs). One worker per trial only; several workers always train in Train's own.")
 
     def per_worker_str(self) -> str:
         parts = [f"CPU={self.cpus_per_worker:g}"] + ([f"GPU={self.gpus_per_worker:g}"] if self.gpus_per_worker else [])

@@ -144,7 +144,7 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
     root = storage_root(cfg)  # trial results and checkpoints: output_dir, or shared storage on a cluster
     resources = TrialResources(cfg.resources.num_workers, cfg.resources.cpus_per_worker,
                                cfg.resources.gpus_per_worker, tuple(cfg.resources.custom_per_worker.items()),
-                               cfg.resources.torch_process_group)
+                               cfg.resources.torch_process_group, cfg.resources.warm_workers)
     trainable = tune.with_resources(
         tune.with_parameters(load_trainable(cfg.trainable), base=cfg.trial.model_dump(), resources=resources,
                              storage_path=f"{root}/train", max_failures=cfg.max_failures,
@@ -202,7 +202,7 @@ def load_trainable(spec: str):
 # Where a trial's time went, as its worker reported it (cumulative, in its last result); see trainables/sft.py.
 WORKER_TIMING = ("trial_entered_at", "fit_at", "worker_started_at", "imports_seconds", "data_seconds",
                  "tokenize_seconds", "model_load_seconds", "eval_seconds_total", "checkpoint_seconds_total",
-                 "elapsed_seconds")
+                 "elapsed_seconds", "warm_host_seconds", "warm_host_imports_seconds", "warm_host_trials_before")
 
 
 def collect_trials(results, cfg: ExperimentConfig, interrupted: dict[str, tuple[str, dict]] | None = None,

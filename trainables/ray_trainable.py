@@ -28,6 +28,7 @@ class TrialResources:
     gpus_per_worker: float = 0.0
     custom: tuple[tuple[str, float], ...] = ()  # extra resources per worker, e.g. (("A10G", 1),)
     torch_process_group: str = "auto"  # "always": TorchTrainer for one worker too (see trainer_class)
+    warm: bool = True  # one worker: train in a warm host on the worker's node (trainables.warm)
 
     def per_worker(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker, **dict(self.custom)}
@@ -37,16 +38,21 @@ class TrialResources:
 
 
 def train_worker(config: dict[str, Any], on_end=None) -> None:
-    """Ray Train worker loop: typed settings in, `ray.train.report` out."""
+    """Ray Train worker loop: typed settings in, `ray.train.report` out.
+
+    `config["warm"]`: the SFT loop runs in a warm host on this node (`trainables.warm`), which already imported the
+    training stack, rather than in this new process; this process relays its reports. `on_end` (tests) runs here."""
     import time
 
     entered = time.time()
     import ray.train
     from ray.train import Checkpoint
 
-    from trainables.sft import import_stack, train
+    warm = bool(config.get("warm")) and on_end is None
+    if not warm:
+        from trainables.sft import import_stack
 
-    import_stack()
+        import_stack()
     # where a trial's fixed cost goes (the driver adds when Tune started and ended the trial): see bench/README.md
     timing = {**config.get("timing", {}), "worker_started_at": round(entered, 3),
               "imports_seconds": round(time.time() - entered, 3)}
@@ -60,6 +66,16 @@ def train_worker(config: dict[str, Any], on_end=None) -> None:
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
+    def train(checkpoint_dir: str | None = None) -> None:
+        if warm:
+            from trainables.warm import run_warm
+
+            run_warm(config["settings"], report, checkpoint_dir, timing)
+        else:
+            from trainables.sft import train as sft_train
+
+            sft_train(settings, report, checkpoint_dir=checkpoint_dir, on_end=on_end)
+
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
@@ -69,9 +85,9 @@ def train_worker(config: dict[str, Any], on_end=None) -> None:
                 # again rather than train on; HF's Trainer resumed at max_steps runs one step past it.
                 report(final, d if ctx.get_world_rank() == 0 else None)
                 return
-            train(settings, report, checkpoint_dir=d, on_end=on_end)
+            train(checkpoint_dir=d)
     else:
-        train(settings, report, on_end=on_end)
+        train()
 
 
 def _final_metrics(checkpoint_dir: str, settings: TrialSettings) -> dict[str, Any] | None:
@@ -156,7 +172,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
     trainer = trainer_class(resources)(
         train_loop_per_worker=train_worker,
         # when this trial's process started and when it asked Train for workers (see search.driver.WORKER_TIMING)
-        train_loop_config={"settings": settings.model_dump(),
+        train_loop_config={"settings": settings.model_dump(), "warm": resources.warm and resources.num_workers == 1,
                            "timing": {"trial_entered_at": round(entered, 3), "fit_at": round(time.time(), 3)}},
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,

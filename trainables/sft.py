@@ -106,13 +106,15 @@ def import_stack() -> None:
 
 
 def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = None,
-          on_end: Callable[[Any], None] | None = None, checkpoints: bool = True) -> dict[str, Any]:
+          on_end: Callable[[Any], None] | None = None, checkpoints: bool = True,
+          callbacks: tuple | list = ()) -> dict[str, Any]:
     """Fine-tune LoRA adapters on a (4-bit) base with TRL's SFTTrainer; returns the last metrics and data stats.
 
     `checkpoint_dir`: a checkpoint written by an earlier report of this trial; training resumes from it (adapter,
     optimizer, scheduler and step), so a retried trial continues its curve instead of starting over.
     `on_end`: called with the trained PEFT model before it is released (to inspect or save it).
     `checkpoints=False`: report metrics only (checkpoint_dir None), e.g. for a bare benchmark loop.
+    `callbacks`: more `TrainerCallback`s (a warm host's check that the trial's Train worker still lives).
     """
     import torch
     from datasets import Dataset
@@ -181,7 +183,7 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
             train_dataset=train_ds,
             eval_dataset=val_ds,
             processing_class=tokenizer,
-            callbacks=[ReportCallback()],
+            callbacks=[ReportCallback(), *callbacks],
         )
         trainer.train(resume_from_checkpoint=checkpoint_dir)
         if on_end is not None:

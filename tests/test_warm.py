@@ -1,0 +1,138 @@
+"""Warm hosts (trainables/warm.py): later trials on a node train in a process that already imported the stack, a
+trial trained there reports exactly what it reports in a fresh process, a trial Tune stops leaves its host free and
+warm for the next, a failed trial retires its host. Real local Ray, real Train V2 runs, the tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    from search.driver import start_local_ray
+
+    start_local_ray(2)
+    yield ray
+    ray.shutdown()
+
+
+def _fit(settings: dict, storage: str, name: str, warm: bool = True):
+    from ray.train import RunConfig, ScalingConfig
+
+    from trainables.ray_trainable import TrialResources, train_worker, trainer_class
+
+    result = trainer_class(TrialResources())(
+        train_loop_per_worker=train_worker,
+        train_loop_config={"settings": settings, "warm": warm, "timing": {}},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=storage),
+    ).fit()
+    assert result.error is None, result.error
+    return result.metrics
+
+
+CURVE = ("step", "train_loss", "eval_loss", "val_f1")
+
+
+def test_later_trials_reuse_the_warm_host_and_report_what_a_fresh_process_reports(fast_settings, local_ray,
+                                                                                  tmp_path):
+    a = fast_settings.model_dump()
+    b = fast_settings.with_values({"optim.learning_rate": 3e-3, "lora.r": 4, "seed": 7}).model_dump()
+    fresh = _fit(a, str(tmp_path), "fresh", warm=False)
+    first = _fit(a, str(tmp_path), "a1")
+    other = _fit(b, str(tmp_path), "b")
+    again = _fit(a, str(tmp_path), "a2")
+
+    # one host served all three; it imported the stack once, for the first
+    assert first["warm_host_pid"] == other["warm_host_pid"] == again["warm_host_pid"]
+    assert [m["warm_host_trials_before"] for m in (first, other, again)] == [0, 1, 2]
+    assert first["imports_seconds"] > 1.0  # torch & co, in the host
+    assert other["imports_seconds"] < 1.0 and again["imports_seconds"] < 1.0
+    assert "warm_host_pid" not in fresh
+    # isolation: the same settings give the same curve in a fresh Train worker, a new host and a host that ran others
+    for m in (first, again):
+        assert {k: m[k] for k in CURVE} == {k: fresh[k] for k in CURVE}
+    assert other["train_loss"] != first["train_loss"]
+
+
+def test_a_stopped_trial_frees_its_warm_host_for_the_next(fast_settings, local_ray, tmp_path):
+    """Tune stops each trial at its first report (as ASHA does at a rung): its Train worker dies while the host
+    trains; the host ends that run at its next step and the next trial gets it, warm."""
+    from ray import tune
+
+    from trainables.ray_trainable import TRIAL_RESOURCES, TrialResources, run_trial
+
+    base = fast_settings.with_values({"optim.max_steps": 60, "eval.every_steps": 3}).model_dump()
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, resources=TrialResources(), storage_path=str(tmp_path / "train")),
+        TRIAL_RESOURCES)
+    results = tune.Tuner(
+        trainable, param_space={"seed": tune.grid_search([1, 2, 3])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), stop={"step": 3}, verbose=0),
+    ).fit()
+    frames = [r.metrics_dataframe for r in results]
+    assert all(list(f["step"]) == [3] for f in frames)  # each stopped at its first report, 57 steps short
+    hosts = {int(f["warm_host_pid"].iloc[0]) for f in frames}
+    assert len(hosts) == 1
+    assert sorted(int(f["warm_host_trials_before"].iloc[0]) for f in frames) == [0, 1, 2]
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_host_protocol_acknowledge_owner_gone_and_retire_on_failure(fast_settings, monkeypatch):
+    """The host's methods in this process (no actor): a report is held until the owner asks for the next one, a run
+    whose owner died stops and frees the host, and a run that fails retires it."""
+    import trainables.sft as sft
+    from trainables.warm import WarmHost
+
+    host = WarmHost({}, exit_when_unused=False)
+    me = os.getpid()
+    held = []
+
+    def two_reports(settings, report, checkpoint_dir=None, callbacks=()):
+        report({"step": 1}, "/ckpt/1")
+        held.append("after 1")
+        report({"step": 2}, None)
+        return {"step": 2}
+
+    monkeypatch.setattr(sft, "train", two_reports)
+    assert host.acquire(me)["trials_before"] == 0
+    assert host.acquire(me + 1, wait_seconds=0) is None  # held by a live owner
+    out = {}
+    t = threading.Thread(target=lambda: out.update(host.run(me, fast_settings.model_dump(), None, 1)))
+    t.start()
+    assert host.next(me) == ({"step": 1}, "/ckpt/1")
+    t.join(0.5)
+    assert held == []  # report 1 (and its checkpoint directory) is held until the owner handled it
+    assert host.next(me) == ({"step": 2}, None)
+    assert host.next(me) is None
+    t.join(5)
+    assert held == ["after 1"] and out == {"step": 2}
+
+    # the owner dies while the run waits for it: the run ends, the host is free again
+    gone = _dead_pid()
+    assert host.acquire(gone)["trials_before"] == 1
+    assert host.run(gone, fast_settings.model_dump(), None, 1) == {}
+    assert host.acquire(me)["imports_seconds"] == 0.0
+
+    def boom(*a, **k):
+        raise ValueError("bad batch")
+
+    monkeypatch.setattr(sft, "train", boom)
+    with pytest.raises(ValueError):
+        host.run(me, fast_settings.model_dump(), None, 1)
+    assert host.acquire(me, wait_seconds=0) is None  # retired: the next trial gets a fresh host
