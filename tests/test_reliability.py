@@ -344,11 +344,11 @@ def test_killed_train_worker_retries_then_fails_visibly_and_memory_stays_flat(ti
     assert s.summary()["best"]["trial_id"] in (t1, t2)
     assert len(runs) == 3
 
-    # memory: each trial's model lived in its own worker process, gone when the trial ended; nothing accumulates
+    # memory: each trial's Train worker process is gone when the trial ended; nothing accumulates
     for tid in (t1, t2):
         assert alive([psutil.Process(p) for p in workers_seen[tid] if psutil.pid_exists(p)]) == []
-    # the processes that live through the whole search (driver, raylet, GCS, dashboard, ...) do not grow: a trial
-    # leaves nothing behind in them. Per-trial processes (the next trial may be starting at a sample, in a pool worker
+    # the processes that live through the whole search (driver, raylet, GCS, dashboard, and the warm host that
+    # trained the trials, trainables/warm.py) do not grow: a trial leaves nothing behind in them. Per-trial processes (the next trial may be starting at a sample, in a pool worker
     # that was idle at the one before) are compared only by being gone, above.
     lasting = set(rss_after[0]) & set(rss_after[1])
     before, after = (sum(r[p] for p in lasting) for r in rss_after)
