@@ -1,6 +1,7 @@
 """Warm hosts (trainables/warm.py): later trials on a node train in a process that already imported the stack, a
 trial trained there reports exactly what it reports in a fresh process, a trial Tune stops leaves its host free and
-warm for the next, a failed trial retires its host. Real local Ray, real Train V2 runs, the tiny model."""
+warm for the next, a failed trial retires its host, a killed host costs one Train retry. Real local Ray, real Train
+V2 runs, the tiny model."""
 
 from __future__ import annotations
 
@@ -136,3 +137,43 @@ def test_host_protocol_acknowledge_owner_gone_and_retire_on_failure(fast_setting
     with pytest.raises(ValueError):
         host.run(me, fast_settings.model_dump(), None, 1)
     assert host.acquire(me, wait_seconds=0) is None  # retired: the next trial gets a fresh host
+
+
+def test_a_killed_warm_host_fails_the_attempt_and_train_retries_in_a_new_one(fast_settings, local_ray, tmp_path):
+    """The host process dies mid-trial (OOM killer, kill -9): the Train worker's attempt fails, Ray Train retries it
+    (FailureConfig), and the retry gets a new host."""
+    import time
+
+    import psutil
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    from trainables.ray_trainable import TrialResources, train_worker, trainer_class
+
+    settings = fast_settings.with_values({"optim.max_steps": 45, "eval.every_steps": 3}).model_dump()
+    killed = []
+
+    def kill_host_after_its_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            ckpts = list((tmp_path / "killed").glob("checkpoint_*"))
+            hosts = [p for p in psutil.process_iter(["cmdline"])
+                     if (p.info["cmdline"] or [""])[0].startswith("ray::WarmHost")]
+            if ckpts and hosts:
+                hosts[0].kill()
+                killed.append(hosts[0].pid)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_host_after_its_first_checkpoint)
+    watcher.start()
+    result = trainer_class(TrialResources())(
+        train_loop_per_worker=train_worker,
+        train_loop_config={"settings": settings, "warm": True, "timing": {}},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="killed", storage_path=str(tmp_path), failure_config=FailureConfig(max_failures=1)),
+    ).fit()
+    watcher.join()
+    assert killed, "no warm host was seen"
+    assert result.error is None, result.error
+    assert result.metrics["step"] == 45
+    assert result.metrics["warm_host_pid"] != killed[0]
+    assert result.metrics["warm_host_trials_before"] == 0  # a new host
