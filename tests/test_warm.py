@@ -149,7 +149,7 @@ def test_a_killed_warm_host_fails_the_attempt_and_train_retries_in_a_new_one(fas
 
     from trainables.ray_trainable import TrialResources, train_worker, trainer_class
 
-    settings = fast_settings.with_values({"optim.max_steps": 45, "eval.every_steps": 3}).model_dump()
+    settings = fast_settings.with_values({"optim.max_steps": 24, "eval.every_steps": 3}).model_dump()
     killed = []
 
     def kill_host_after_its_first_checkpoint():
@@ -174,6 +174,6 @@ def test_a_killed_warm_host_fails_the_attempt_and_train_retries_in_a_new_one(fas
     watcher.join()
     assert killed, "no warm host was seen"
     assert result.error is None, result.error
-    assert result.metrics["step"] == 45
+    assert result.metrics["step"] == 24
     assert result.metrics["warm_host_pid"] != killed[0]
     assert result.metrics["warm_host_trials_before"] == 0  # a new host
