@@ -276,12 +276,21 @@ P1_RUNS = ("before", "first", "after")  # P1's search trials, as the report name
 
 def p1_space(out: Path) -> Path:
     """The default space with its warm-start point twice: P1's two trials run the point the bare loop runs."""
+    return space_variant(out, "space-p1.yaml", "with its first point twice",
+                         lambda points: points[:1] * 2)
+
+
+def space_variant(out: Path, name: str, what: str, points) -> Path:
+    """The default space with its points_to_evaluate replaced by `points(old points)` (dropped if None), written
+    into the report directory as `name`."""
     import yaml
 
     space = yaml.safe_load((ROOT / SPACE).read_text())
-    space["points_to_evaluate"] = space["points_to_evaluate"][:1] * 2
-    path = out / "space-p1.yaml"
-    path.write_text(f"# {SPACE} with its first point twice (bench/run.py)\n" + yaml.safe_dump(space, sort_keys=False))
+    new = points(space.pop("points_to_evaluate", []))
+    if new is not None:
+        space["points_to_evaluate"] = new
+    path = out / name
+    path.write_text(f"# {SPACE} {what} (bench/run.py)\n" + yaml.safe_dump(space, sort_keys=False))
     return path
 
 
@@ -379,13 +388,7 @@ def median_ratio(seeds: list[dict[str, Any]]) -> tuple[float | None, str | None]
 
 def cold_space(out: Path) -> Path:
     """The default space without its warm-start point (points_to_evaluate), written into the report directory."""
-    import yaml
-
-    space = yaml.safe_load((ROOT / SPACE).read_text())
-    space.pop("points_to_evaluate", None)
-    path = out / "space-cold.yaml"
-    path.write_text(f"# {SPACE} without points_to_evaluate (bench/run.py)\n" + yaml.safe_dump(space, sort_keys=False))
-    return path
+    return space_variant(out, "space-cold.yaml", "without points_to_evaluate", lambda points: None)
 
 
 def trial_split(t: dict[str, Any]) -> tuple[float | None, float | None]:

@@ -348,8 +348,9 @@ def test_killed_train_worker_retries_then_fails_visibly_and_memory_stays_flat(ti
     for tid in (t1, t2):
         assert alive([psutil.Process(p) for p in workers_seen[tid] if psutil.pid_exists(p)]) == []
     # the processes that live through the whole search (driver, raylet, GCS, dashboard, and the warm host that
-    # trained the trials, trainables/warm.py) do not grow: a trial leaves nothing behind in them. Per-trial processes (the next trial may be starting at a sample, in a pool worker
-    # that was idle at the one before) are compared only by being gone, above.
+    # trained the trials, trainables/warm.py) do not grow: a trial leaves nothing behind in them. Per-trial processes
+    # (the next trial may be starting at a sample, in a pool worker that was idle at the one before) are compared
+    # only by being gone, above.
     lasting = set(rss_after[0]) & set(rss_after[1])
     before, after = (sum(r[p] for p in lasting) for r in rss_after)
     assert after <= before + 300 * 2**20, (before / 2**20, after / 2**20)

@@ -22,6 +22,7 @@ staying warm for the next trial.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -192,14 +193,20 @@ class WarmHost:
                 return
 
 
+@functools.cache
+def _actor_class():
+    import ray
+
+    return ray.remote(WarmHost)  # once per process: a trial tries several slots, each through this class
+
+
 def host_for(slot: int, node_id: str, accelerator_env: dict[str, str]):
     """This node's warm host for these accelerators in `slot`, created if it does not exist."""
-    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     devices = ",".join(accelerator_env.get(k, "") for k in ACCELERATOR_ENV if k in accelerator_env) or "cpu"
     name = f"qlora-warm-{node_id[:16]}-{devices}-{slot}"
-    return ray.remote(WarmHost).options(
+    return _actor_class().options(
         name=name, get_if_exists=True, lifetime="detached", num_cpus=0, max_concurrency=8, max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(accelerator_env)
