@@ -541,8 +541,13 @@ def p2(b: Bench) -> dict[str, Any]:
     if fixed and work:
         cost["ceiling"] = round(ceiling(cost["fixed_seconds_median"], cost["work_seconds_full_median"], fraction), 3)
         cost["ceiling_without_fixed"] = round(1 / fraction, 3)
+    from bench.replay import replay_for
+
     return {
         "trial_cost": cost,
+        # random search + ASHA on the random searches' recorded curves, at larger budgets too (bench/replay.py)
+        "replay": replay_for(b.out, vars(b.args), cost, [r["name"] for r in runs if "random_fifo" in r["name"]])
+        if fixed and work else None,
         "seeds": per_seed, "runs": runs, "ratio_median": median, "ratio_median_bound": bound,
         "p3": {"steps_fraction": round(fraction, 3),
                "per_seed": [round(r["steps_run"] / r["steps_full"], 3) for r in asha],
@@ -784,6 +789,11 @@ def markdown(report: dict[str, Any]) -> str:
                       f"**{c['ceiling']}** ({c['ceiling_without_fixed']} with no fixed cost). Beyond it, only "
                       f"TPE finding the best sooner than random search counts."]
         lines += ["", "![P2](p2_best_so_far.png)"]
+        if p.get("replay"):
+            from bench.replay import markdown as replay_markdown
+
+            lines += ["", "### P3 and P2 at larger budgets: ASHA replayed on the recorded curves (`bench/replay.py`)",
+                      ""] + replay_markdown(p["replay"], st.get("reduction_factor"))
     if "p4" in report:
         p = report["p4"]
         lines += ["", "## P4: data preparation", "",
@@ -825,6 +835,10 @@ def redraw(out: Path) -> None:
         for c in report["p2"]["seeds"]:
             c["bound"] = ratio_bound(c)
         report["p2"]["ratio_median"], report["p2"]["ratio_median_bound"] = median_ratio(report["p2"]["seeds"])
+        if report["p2"].get("replay") is None and (out / "runs").is_dir():  # reports from before bench/replay.py
+            from bench.replay import from_report
+
+            report["p2"]["replay"] = from_report(out)
         (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     report["plots"] = plots(out, report)
     (out / "report.md").write_text(markdown(report))

@@ -157,3 +157,93 @@ def test_side_by_side_searches_join_the_benchmarks_shared_ray(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cluster: 1 node(s) alive with" in proc.stdout and "'CPU': 1.0" in proc.stdout
     assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
+
+def _curve(points):
+    """[(step, f1, eval_loss)] -> the reports a trial makes."""
+    return [{"step": s, "val_f1": f, "eval_loss": loss} for s, f, loss in points]
+
+
+def test_replay_stops_what_the_searchs_asha_stops_and_counts_the_steps():
+    from bench.replay import replay
+
+    # every 4 steps, 12 in all, reduction factor 2: rungs at steps 4 and 8 (a quantile of 1 - 1/2: the median)
+    a = _curve([(4, 0.5, 3.0), (8, 0.6, 2.5), (12, 0.7, 2.0)])
+    b = _curve([(4, 0.2, 3.5), (8, 0.9, 2.0), (12, 0.9, 1.0)])  # below a at step 4: stopped there
+    c = _curve([(4, 0.6, 2.8), (8, 0.55, 2.6), (12, 0.8, 2.1)])  # step 4: >= median(0.5, 0.2); step 8: < 0.6
+    d = _curve([(4, 0.0, 1.0), (8, 0.0, 1.0), (12, 0.0, 1.0)])
+    kw = dict(metric="val_f1", mode="max", every=4, steps=12, reduction_factor=2.0)
+    assert replay([a, b, c], **kw) == [12, 4, 8]
+    # the first trial always runs to the end; order decides the rest: after b's 0.9 at step 8, a (0.6) and c (0.55)
+    # are below the rung's median there (0.9 alone; then median(0.9, 0.6) = 0.75)
+    assert replay([b, a, c], **kw) == [12, 8, 8]
+    # ties at a rung: the eval loss orders them, as in the search
+    e = _curve([(4, 0.0, 2.0), (8, 0.0, 1.5), (12, 0.0, 1.2)])
+    assert replay([d, e], **kw, tie_break="eval_loss") == [12, 4]
+    assert replay([d, e], **kw) == [12, 12]  # without it, equal is never below the cutoff
+
+
+def test_replay_time_to_best_charges_each_trial_its_fixed_cost_and_the_steps_it_ran():
+    from bench.replay import time_to_best
+
+    a = _curve([(4, 0.5, 3.0), (8, 0.6, 2.5), (12, 0.7, 2.0)])
+    b = _curve([(4, 0.2, 3.5), (8, 0.9, 2.0), (12, 0.9, 1.0)])
+    kw = dict(metric="val_f1", steps=12, fixed=10.0, work=60.0)
+    # every trial to the end: a costs 10 + 60; b reaches 0.9 at step 8: 10 + 40 more
+    assert time_to_best([a, b], [12, 12], 0.9, **kw) == (120.0, True)
+    # b stopped at step 4 never shows 0.9: charged the whole time, 70 + 10 + 20
+    assert time_to_best([a, b], [12, 4], 0.9, **kw) == (100.0, False)
+    assert time_to_best([a, b], [12, 12], 0.7, **kw) == (70.0, True)  # within 1% of 0.7 at a's last report
+
+
+def test_replay_summary_over_orders_and_budgets():
+    from bench.replay import summary
+
+    good = _curve([(4, 0.0, 2.0), (8, 0.5, 1.5), (12, 0.8, 1.0)])
+    flat = _curve([(4, 0.0, 9.0), (8, 0.0, 8.9), (12, 0.0, 8.8)])
+    r = summary([good, flat, flat, flat], metric="val_f1", tie_break="eval_loss", every=4, steps=12,
+                reduction_factor=2.0, fixed=10.0, work=60.0, budgets=(2, 8), replays=40)
+    two, eight = r["rows"]
+    # two trials: good first -> flat stopped at 4 (P3 16/24); flat first -> both run (1.0), best never stopped
+    assert two["best_stopped"] == 0.0 and two["best_missed"] == 0.0
+    assert 16 / 24 <= two["p3_p10"] <= two["p3_mean"] <= two["p3_p90"] <= 1.0
+    assert 0.0 < two["no_best"] < 1.0  # the draws of two flat curves (1 in 2): no best to stop
+    assert eight["trials"] == 8 and eight["p3_mean"] < two["p3_mean"]  # more trials: more of them stopped
+    assert r["curves"] == 4 and r["curves_above_zero"] == 1
+
+
+def test_replay_reads_the_curves_of_trials_that_trained_to_the_end_from_a_real_tune_run(tmp_path):
+    """A real (local, 1-CPU) Ray Tune run writes the experiment directory the benchmark's searches leave in runs/;
+    the replay reads back each trial's evaluations, and only from trials that reached the last step."""
+    import json
+
+    import ray
+    from ray import tune
+
+    from bench.replay import from_report
+
+    def trial(config):
+        for step in range(4, config["last"] + 1, 4):
+            tune.report({"step": step, "val_f1": config["f1"] * step / 12, "eval_loss": 5.0 - step / 4})
+
+    search = tmp_path / "runs" / "p2-random_fifo-seed0"
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        tune.Tuner(trial, param_space={"last": tune.grid_search([12, 8]), "f1": 0.6},
+                   run_config=tune.RunConfig(name="tune", storage_path=str(search), verbose=0)).fit()
+    finally:
+        ray.shutdown()
+    report = {"settings": {"p2_steps": 12, "p2_evals": 3, "reduction_factor": 3.0},
+              "p2": {"trial_cost": {"fixed_seconds_median": 10.0, "work_seconds_full_median": 30.0},
+                     "runs": [{"name": "p2-random_fifo-seed0"}, {"name": "p2-tpe_asha-seed0"}]}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    r = from_report(tmp_path, replays=5)
+    assert r["curves"] == 1 and r["curves_above_zero"] == 1 and r["every"] == 4
+    # every budget draws that one curve again and again: equal at every rung, so none is stopped, and no best
+    assert [(x["p3_mean"], x["no_best"], x["best_stopped"]) for x in r["rows"]] == [(1.0, 1.0, None)] * 12
+    from bench.replay import recorded_curves
+
+    curves = recorded_curves([search], "val_f1", "eval_loss", 12)
+    assert curves == [[{"step": 4, "val_f1": pytest.approx(0.2), "eval_loss": 4.0},
+                       {"step": 8, "val_f1": pytest.approx(0.4), "eval_loss": 3.0},
+                       {"step": 12, "val_f1": pytest.approx(0.6), "eval_loss": 2.0}]]

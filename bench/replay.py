@@ -1,0 +1,201 @@
+"""P3 and P2 at larger trial budgets, replayed: the search's own ASHA scheduler fed learning curves P2 recorded.
+
+P2's random searches run every trial to the end, so each of their trials leaves its whole learning curve (the
+objective and the tie-break metric at every evaluation). Random search draws its configurations without looking at
+results, so what random search + ASHA would have done with those trials is exact, given an order: feed each curve,
+one trial after another (P2 runs one trial at a time), to `search.resilience.ASHA` with P2's settings, stop
+feeding a curve when ASHA says STOP, and count the steps. Replaying many orders, and budgets larger than one search
+(drawing curves from all seeds' random searches, with replacement once the budget exceeds them), gives the
+distribution of P3 and of "was the best trial stopped" that 6 trials per search cannot, and the P2 ratio of random +
+ASHA over random without early stopping from the measured fixed cost and work per trial. What it cannot show is
+TPE's part: which configurations TPE would have proposed.
+
+    python -m bench.replay bench/results/<run>       # from a benchmark's report.json and runs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+Curve = list[dict[str, float]]  # one trial's reports in order: {"step", metric, tie-break metric}
+
+
+def recorded_curves(runs: Sequence[Path], metric: str, tie_break: str | None, steps: int) -> list[Curve]:
+    """The evaluation reports of every trial in these searches' Tune directories that trained all `steps`."""
+    import warnings
+
+    from ray.tune import ExperimentAnalysis
+
+    from search.report import tune_dir
+
+    out = []
+    for run in runs:
+        where = tune_dir(run)
+        if where is None:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frames = ExperimentAnalysis(where).trial_dataframes.values()
+        for df in frames:
+            rows = [{"step": int(r["step"]), metric: float(r[metric]),
+                     **({tie_break: float(r[tie_break])} if tie_break and tie_break in r else {})}
+                    for _, r in df.iterrows() if metric in r and r[metric] == r[metric] and "step" in r]
+            if rows and rows[-1]["step"] >= steps:
+                out.append(rows)
+    return out
+
+
+def replay(curves: Sequence[Curve], *, metric: str, mode: str, every: int, steps: int, reduction_factor: float,
+           grace_period: int = 1, tie_break: str | None = None) -> list[int]:
+    """Feed `curves`, in order, one trial at a time, to the search's ASHA with the settings `search.driver` gives it;
+    the steps each trial ran before ASHA stopped it (or `steps`)."""
+    import numpy as np
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from search.resilience import ASHA
+
+    np.random.seed(0)  # ASHA draws a bracket per trial; with one bracket (brackets=1) the draw has one outcome
+    scheduler = ASHA(time_attr="step", metric=metric, mode=mode, max_t=steps + every, grace_period=grace_period * every,
+                     reduction_factor=reduction_factor, tie_break=tie_break)
+    ran = []
+    for i, curve in enumerate(curves):
+        trial = SimpleNamespace(trial_id=f"replay-{i}")
+        scheduler.on_trial_add(None, trial)
+        last = curve[-1]
+        for result in curve:
+            last = result
+            if scheduler.on_trial_result(None, trial, result) == TrialScheduler.STOP:
+                break
+        scheduler.on_trial_complete(None, trial, last)
+        ran.append(int(last["step"]))
+    return ran
+
+
+def time_to_best(curves: Sequence[Curve], ran: Sequence[int], best: float, *, metric: str, steps: int,
+                 fixed: float, work: float) -> tuple[float, bool]:
+    """Seconds until a report within 1% of `best` (higher is better): trial after trial, each paying `fixed`, then
+    `work` x steps / `steps` up to each report. (whole time, False) if none came within 1%."""
+    clock = 0.0
+    for curve, n in zip(curves, ran):
+        for r in curve:
+            if r["step"] > n:
+                break
+            if r[metric] >= best - abs(best) * 0.01:
+                return clock + fixed + work * r["step"] / steps, True
+        clock += fixed + work * n / steps
+    return clock, False
+
+
+def summary(curves: Sequence[Curve], *, metric: str, every: int, steps: int, reduction_factor: float,
+            fixed: float, work: float, tie_break: str | None = None, budgets: Sequence[int] = (6, 12, 24, 48),
+            factors: Sequence[float] | None = None, replays: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Per trial budget and reduction factor: P3 (mean and 10-90% range over `replays` random orders), how often the
+    best trial of the replay was stopped (every trial with the best peak value stopped before its end), how often
+    ASHA never came within 1% of the best (stopped before it got there), and the median P2 ratio (random no-ES / random + ASHA, time to within 1%
+    of the best either reached). Budgets up to the number of curves draw without replacement, larger ones with."""
+    rng = random.Random(seed)
+    rows = []
+    for rf in factors or (reduction_factor,):
+        for n in budgets:
+            fractions, stopped, missed, ratios, undecided = [], 0, 0, [], 0
+            for _ in range(replays):
+                drawn = rng.sample(list(curves), n) if n <= len(curves) else rng.choices(list(curves), k=n)
+                ran = replay(drawn, metric=metric, mode="max", every=every, steps=steps, reduction_factor=rf,
+                             tie_break=tie_break)
+                fractions.append(sum(ran) / (n * steps))
+                peaks = [max(r[metric] for r in c) for c in drawn]
+                best = max(peaks)
+                full = time_to_best(drawn, [steps] * n, best, metric=metric, steps=steps, fixed=fixed, work=work)[0]
+                asha, reached = time_to_best(drawn, ran, best, metric=metric, steps=steps, fixed=fixed, work=work)
+                ratios.append(full / asha)
+                if len(set(peaks)) < 2:
+                    undecided += 1  # every trial scored the same: no best trial to stop
+                    continue
+                stopped += all(ran[i] < steps for i, p in enumerate(peaks) if p == best)
+                missed += not reached
+            decided = replays - undecided
+            q = statistics.quantiles(fractions, n=10)
+            rows.append({"trials": n, "reduction_factor": rf, "p3_mean": round(statistics.fmean(fractions), 3),
+                         "p3_p10": round(q[0], 3), "p3_p90": round(q[-1], 3),
+                         "best_stopped": round(stopped / decided, 3) if decided else None,
+                         "best_missed": round(missed / decided, 3) if decided else None,
+                         "no_best": round(undecided / replays, 3),
+                         "ratio_median": round(statistics.median(ratios), 3)})
+    return {"curves": len(curves), "curves_above_zero": sum(max(r[metric] for r in c) > 0 for c in curves),
+            "replays": replays, "every": every, "steps": steps, "fixed_seconds": fixed, "work_seconds": work,
+            "rows": rows}
+
+
+def from_report(out: Path, replays: int = 200) -> dict[str, Any] | None:
+    """The replay for a benchmark run directory (its report.json and runs/), or None without recorded curves."""
+    report = json.loads((out / "report.json").read_text())
+    st, p = report.get("settings") or {}, report.get("p2") or {}
+    cost = p.get("trial_cost") or {}
+    if not st.get("p2_steps") or not cost.get("fixed_seconds_median") or not cost.get("work_seconds_full_median"):
+        return None
+    return replay_for(out, st, cost, [r["name"] for r in p.get("runs", []) if "random_fifo" in r["name"]], replays)
+
+
+def replay_for(out: Path, settings: dict[str, Any], cost: dict[str, Any], names: Sequence[str],
+               replays: int = 200) -> dict[str, Any] | None:
+    steps, every = settings["p2_steps"], settings["p2_steps"] // settings["p2_evals"]
+    curves = recorded_curves([out / "runs" / n for n in names], "val_f1", "eval_loss", steps)
+    if not curves:
+        return None
+    return summary(curves, metric="val_f1", tie_break="eval_loss", every=every, steps=steps,
+                   reduction_factor=settings["reduction_factor"], factors=sorted({2.0, 3.0, 4.0,
+                                                                                  settings["reduction_factor"]}),
+                   fixed=cost["fixed_seconds_median"], work=cost["work_seconds_full_median"], replays=replays)
+
+
+def markdown(r: dict[str, Any], p2_factor: float) -> list[str]:
+    from bench.run import md_table
+
+    lines = [f"{r['curves']} learning curves recorded by P2's random searches (every trial to the end; "
+             f"{r['curves_above_zero']} of them ever scored above 0), replayed through the search's own ASHA "
+             f"(`search.resilience.ASHA`: grace one evaluation of {r['every']} steps, ties at a rung by eval loss) "
+             f"one trial at a time, {r['replays']} random orders per row; budgets above {r['curves']} draw curves "
+             f"with replacement. P2 ratio: random without early stopping / random + ASHA, time to within 1% of the "
+             f"best either reached, at the measured {r['fixed_seconds']} s fixed cost and {r['work_seconds']} s work "
+             f"per full trial. Exact for random search + ASHA; TPE's choice of configurations is not in it.", ""]
+    lines += md_table(["trials", "reduction factor", "P3 mean (10-90%)", "best trial stopped",
+                       "best value missed", "no best (all equal)", "P2 ratio (median)"],
+                      [[x["trials"], f"{x['reduction_factor']:g}" + (" (P2's)" if x["reduction_factor"] == p2_factor
+                                                                    else ""),
+                        f"{x['p3_mean']} ({x['p3_p10']}-{x['p3_p90']})",
+                        *("-" if x[k] is None else f"{x[k]:.0%}" for k in ("best_stopped", "best_missed")),
+                        f"{x['no_best']:.0%}",
+                        x["ratio_median"]] for x in r["rows"]])
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path, help="A benchmark run's directory (report.json and runs/).")
+    ap.add_argument("--replays", type=int, default=200)
+    args = ap.parse_args(argv)
+    if not (args.out / "report.json").is_file():
+        print(f"bench.replay: {args.out / 'report.json'} not found; give a directory `python -m bench.run` wrote",
+              file=sys.stderr)
+        return 2
+    r = from_report(args.out, args.replays)
+    if r is None:
+        print(f"bench.replay: {args.out} has no P2 random-search curves (runs/ deleted, or P2 not run)",
+              file=sys.stderr)
+        return 2
+    rf = json.loads((args.out / "report.json").read_text())["settings"]["reduction_factor"]
+    print("\n".join(markdown(r, rf)))
+    print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
