@@ -63,8 +63,8 @@ def replay(curves: Sequence[Curve], *, metric: str, mode: str, every: int, steps
     from search.resilience import ASHA
 
     np.random.seed(0)  # ASHA draws a bracket per trial; with one bracket (brackets=1) the draw has one outcome
-    scheduler = ASHA(time_attr="step", metric=metric, mode=mode, max_t=steps + every, grace_period=grace_period * every,
-                     reduction_factor=reduction_factor, tie_break=tie_break)
+    scheduler = ASHA(time_attr="step", metric=metric, mode=mode, max_t=steps + every,
+                     grace_period=grace_period * every, reduction_factor=reduction_factor, tie_break=tie_break)
     ran = []
     for i, curve in enumerate(curves):
         trial = SimpleNamespace(trial_id=f"replay-{i}")
@@ -99,8 +99,8 @@ def summary(curves: Sequence[Curve], *, metric: str, every: int, steps: int, red
             factors: Sequence[float] | None = None, replays: int = 200, seed: int = 0) -> dict[str, Any]:
     """Per trial budget and reduction factor: P3 (mean and 10-90% range over `replays` random orders), how often the
     best trial of the replay was stopped (every trial with the best peak value stopped before its end), how often
-    ASHA never came within 1% of the best (stopped before it got there), and the median P2 ratio (random no-ES / random + ASHA, time to within 1%
-    of the best either reached). Budgets up to the number of curves draw without replacement, larger ones with."""
+    ASHA never came within 1% of the best (stopped before it got there), and the median P2 ratio (random no-ES /
+    random + ASHA, time to within 1% of the best either reached). Budgets up to the number of curves draw without replacement, larger ones with."""
     rng = random.Random(seed)
     rows = []
     for rf in factors or (reduction_factor,):
@@ -180,7 +180,8 @@ def markdown(r: dict[str, Any], p2_factor: float) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="A benchmark run's directory (report.json and runs/).")
-    ap.add_argument("--replays", type=int, default=200)
+    ap.add_argument("--replays", type=int, default=200, help="Random orders replayed per budget and reduction "
+                    "factor (default 200).")
     args = ap.parse_args(argv)
     if not (args.out / "report.json").is_file():
         print(f"bench.replay: {args.out / 'report.json'} not found; give a directory `python -m bench.run` wrote",
