@@ -42,7 +42,11 @@ def recorded_curves(runs: Sequence[Path], metric: str, tie_break: str | None, st
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            frames = ExperimentAnalysis(where).trial_dataframes.values()
+            try:
+                frames = ExperimentAnalysis(where).trial_dataframes.values()
+            except Exception as err:  # half-written, or from another Ray version: replay what the others recorded
+                print(f"bench.replay: cannot read {where} ({err}); its curves are left out", file=sys.stderr)
+                continue
         for df in frames:
             rows = [{"step": int(r["step"]), metric: float(r[metric]),
                      **({tie_break: float(r[tie_break])} if tie_break and tie_break in r else {})}

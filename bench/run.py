@@ -522,6 +522,18 @@ def best_stopped_early(trials: list[dict[str, Any]], best_id: str | None) -> boo
     return bool(best["stopped_early"])
 
 
+def p2_replay(b: Bench, cost: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Random search + ASHA on the random searches' recorded curves, at larger budgets too (bench/replay.py). An
+    analysis of what P2 measured: if it fails, the report is written without it."""
+    from bench.replay import replay_for
+
+    try:
+        return replay_for(b.out, vars(b.args), cost, [r["name"] for r in runs if "random_fifo" in r["name"]])
+    except Exception as err:
+        _say(f"P2: replay left out ({type(err).__name__}: {err}); `python -m bench.replay {b.out}` retries it")
+        return None
+
+
 def p2(b: Bench) -> dict[str, Any]:
     seeds = list(range(b.args.p2_seeds))
     per_seed, runs = [], []
@@ -541,13 +553,9 @@ def p2(b: Bench) -> dict[str, Any]:
     if fixed and work:
         cost["ceiling"] = round(ceiling(cost["fixed_seconds_median"], cost["work_seconds_full_median"], fraction), 3)
         cost["ceiling_without_fixed"] = round(1 / fraction, 3)
-    from bench.replay import replay_for
-
     return {
         "trial_cost": cost,
-        # random search + ASHA on the random searches' recorded curves, at larger budgets too (bench/replay.py)
-        "replay": replay_for(b.out, vars(b.args), cost, [r["name"] for r in runs if "random_fifo" in r["name"]])
-        if fixed and work else None,
+        "replay": p2_replay(b, cost, runs) if fixed and work else None,
         "seeds": per_seed, "runs": runs, "ratio_median": median, "ratio_median_bound": bound,
         "p3": {"steps_fraction": round(fraction, 3),
                "per_seed": [round(r["steps_run"] / r["steps_full"], 3) for r in asha],
