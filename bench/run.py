@@ -433,7 +433,18 @@ def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
              "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
     if tpe_asha:
         extra += ["--set", f"scheduler.reduction_factor={b.args.reduction_factor}"]
+    if b.args.p2_eval_at_rungs:  # both evaluate at the rungs TPE + ASHA's trials evaluate at (scheduler.eval_at_rungs)
+        extra += ["--set", f"trial.eval.at_steps={p2_rungs(b.args)}"]
     return extra
+
+
+def p2_rungs(args: argparse.Namespace) -> list[int]:
+    """ASHA's rungs in P2's TPE + ASHA searches (search.config.ExperimentConfig.asha_rungs)."""
+    from search.config import load_config
+
+    return load_config(CONFIG, [f"trial.optim.max_steps={args.p2_steps}",
+                                f"trial.eval.every_steps={args.p2_steps // args.p2_evals}",
+                                f"scheduler.reduction_factor={args.reduction_factor}"]).asha_rungs()
 
 
 class SharedRay:
@@ -764,8 +775,10 @@ def markdown(report: dict[str, Any]) -> str:
                 r *= st["reduction_factor"]
             lines += [f"Each search: {st['p2_trials']} trials, {st.get('p2_concurrency', 2)} at a time ({cpus} CPU "
                       f"each), of {st['p2_steps']} steps with an evaluation of {st['p2_eval_examples']} validation "
-                      f"messages every {every} steps, on `{st['p2_space']}`. TPE starts with Optuna's random "
-                      f"start-up trials; ASHA: grace period one evaluation, reduction factor "
+                      + (f"messages at ASHA's rungs and the last step (both strategies, `--p2-eval-at-rungs`), on "
+                         if st.get("p2_eval_at_rungs") else f"messages every {every} steps, on ")
+                      + f"`{st['p2_space']}`. TPE starts with Optuna's random "
+                      f"start-up trials; ASHA: grace period {every} steps (one evaluation round), reduction factor "
                       f"{st['reduction_factor']:g} (rungs at steps {', '.join(rungs)}), ties at a rung ordered by "
                       f"eval loss. Random search runs every "
                       f"trial to the end. Same seed, trial budget and concurrency for both"
@@ -874,6 +887,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p2-evals", type=int, default=6, help="Evaluations per P2 trial (ASHA's rungs are at the "
                     "first, then every reduction-factor times as many steps).")
     ap.add_argument("--p2-eval-examples", type=int, default=64, help="Validation examples per P2 evaluation.")
+    ap.add_argument("--p2-eval-at-rungs", action="store_true", help="Both P2 strategies evaluate only at ASHA's "
+                    "rungs and at the end (scheduler.eval_at_rungs), not every --p2-steps / --p2-evals steps.")
     ap.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor in P2.")
     ap.add_argument("--p2-concurrency", type=int, default=1, help="Trials at once in each P2 search (both "
                     "strategies); a trial gets the machine's CPUs divided by the trials running at once (this, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -29,6 +30,11 @@ class SchedulerSettings(_Strict):
     tie_break: Optional[Literal["eval_loss"]] = Field(
         M.EVAL_LOSS, description="Order trials whose objective ties at a rung by this metric (lower is better), so "
         "ASHA can stop some of them; null: Ray's ASHA as is, which keeps every trial tied at the rung's cutoff.")
+    eval_at_rungs: bool = Field(
+        False, description="Evaluate only at ASHA's rungs (grace_period x trial.eval.every_steps x "
+        "reduction_factor^k) and at the end, not every trial.eval.every_steps: an early first rung without paying "
+        "for an evaluation every few steps. The learning curves and the checkpoints the best adapter is picked from "
+        "are then only those steps.")
 
 
 class SearcherSettings(_Strict):
@@ -109,6 +115,26 @@ class ExperimentConfig(_Strict):
 
     def search_dir(self) -> Path:
         return Path(self.output_dir).expanduser().resolve() / self.name
+
+    def asha_max_t(self) -> int:
+        """ASHA's max_t: one round past the last evaluation, so a trial that trains to the end returns from fit() by
+        itself (and releases its workers cleanly) instead of being stopped by the scheduler at its last report."""
+        return self.trial.optim.max_steps + self.trial.eval.every_steps
+
+    def asha_rungs(self) -> list[int]:
+        """The steps at which ASHA decides (its milestones below max_t, as Ray's ASHA lays them out for one
+        bracket: grace x rf^k), rounded up to whole steps, those a trial reaches."""
+        grace, rf = self.scheduler.grace_period * self.trial.eval.every_steps, self.scheduler.reduction_factor
+        count = int(math.log(self.asha_max_t() / grace) / math.log(rf) + 1)
+        rungs = sorted({math.ceil(grace * rf ** k) for k in range(count)})
+        return [r for r in rungs if r <= self.trial.optim.max_steps]
+
+    def trial_for_trials(self) -> TrialSettings:
+        """The trial settings every trial starts from: `trial`, evaluated at ASHA's rungs with
+        scheduler.eval_at_rungs."""
+        if self.scheduler.type == "asha" and self.scheduler.eval_at_rungs:
+            return self.trial.with_values({"eval.at_steps": self.asha_rungs()})
+        return self.trial
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

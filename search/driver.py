@@ -146,8 +146,8 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
                                cfg.resources.gpus_per_worker, tuple(cfg.resources.custom_per_worker.items()),
                                cfg.resources.torch_process_group, cfg.resources.warm_workers)
     trainable = tune.with_resources(
-        tune.with_parameters(load_trainable(cfg.trainable), base=cfg.trial.model_dump(), resources=resources,
-                             storage_path=f"{root}/train", max_failures=cfg.max_failures,
+        tune.with_parameters(load_trainable(cfg.trainable), base=cfg.trial_for_trials().model_dump(),
+                             resources=resources, storage_path=f"{root}/train", max_failures=cfg.max_failures,
                              objective=(cfg.objective.metric, cfg.objective.mode)),
         TRIAL_RESOURCES,
     )
@@ -165,14 +165,11 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
                if cfg.searcher.algorithm == "tpe" else RandomSampler(seed=cfg.searcher.seed))
     searcher = OptunaSearch(metric=cfg.objective.metric, mode=cfg.objective.mode, sampler=sampler,
                             points_to_evaluate=space.points_to_evaluate or None)
-    every = cfg.trial.eval.every_steps
     # ASHA counts optimizer steps (the reported `step`), which stay right when a trial restarts from a checkpoint;
-    # Tune's training_iteration starts again at 1 in a restarted trial. max_t one round past the last evaluation: a
-    # trial that trains to the end returns from fit() by itself (and releases its workers cleanly) instead of being
-    # stopped by the scheduler at its last report.
-    scheduler = (ASHA(time_attr="step", max_t=cfg.trial.optim.max_steps + every,
-                      grace_period=cfg.scheduler.grace_period * every, reduction_factor=cfg.scheduler.reduction_factor,
-                      tie_break=cfg.scheduler.tie_break)
+    # Tune's training_iteration starts again at 1 in a restarted trial.
+    scheduler = (ASHA(time_attr="step", max_t=cfg.asha_max_t(),
+                      grace_period=cfg.scheduler.grace_period * cfg.trial.eval.every_steps,
+                      reduction_factor=cfg.scheduler.reduction_factor, tie_break=cfg.scheduler.tie_break)
                  if cfg.scheduler.type == "asha" else FIFO())
     for cb in callbacks:
         if isinstance(cb, SearchState):

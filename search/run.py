@@ -217,8 +217,9 @@ def plan_resources(cfg: ExperimentConfig, cluster: dict | None = None) -> dict:
     lines = [f"cluster: {cluster}", f"per trial: {r.num_workers} worker(s) x {r.per_worker_str()} "
              "+ the trial's own process (no CPU: it only waits on its workers)",
              f"concurrent trials: {concurrency} (asked {cfg.max_concurrent_trials}, {fits} fit)",
-             f"trials: {cfg.num_trials}, {cfg.trial.optim.max_steps} steps each, evaluated every "
-             f"{cfg.trial.eval.every_steps}"]
+             f"trials: {cfg.num_trials}, {cfg.trial.optim.max_steps} steps each, evaluated "
+             + (f"at steps {', '.join(map(str, cfg.trial_for_trials().eval.steps(cfg.trial.optim.max_steps)))}"
+                if cfg.trial_for_trials().eval.at_steps else f"every {cfg.trial.eval.every_steps}")]
     return {"per_trial": per_trial, "concurrency": concurrency, "cluster": cluster, "lines": lines}
 
 

@@ -247,3 +247,18 @@ def test_replay_reads_the_curves_of_trials_that_trained_to_the_end_from_a_real_t
     assert curves == [[{"step": 4, "val_f1": pytest.approx(0.2), "eval_loss": 4.0},
                        {"step": 8, "val_f1": pytest.approx(0.4), "eval_loss": 3.0},
                        {"step": 12, "val_f1": pytest.approx(0.6), "eval_loss": 2.0}]]
+
+
+def test_p2_eval_at_rungs_gives_both_strategies_the_rungs_asha_decides_at():
+    import argparse
+
+    from bench.run import strategy_sets
+
+    args = argparse.Namespace(p2_trials=6, p2_concurrency=1, p2_apart=False, p2_space="bench/space-wide.yaml", p2_steps=72,
+                              p2_evals=18, reduction_factor=3.0, p2_eval_at_rungs=True)
+    b = argparse.Namespace(args=args, out=None)
+    sets = {flag: strategy_sets(b, 0, flag) for flag in (True, False)}
+    for tpe_asha, extra in sets.items():
+        assert "trial.eval.at_steps=[4, 12, 36]" in extra, (tpe_asha, extra)
+    args.p2_eval_at_rungs = False
+    assert not any("at_steps" in x for x in strategy_sets(b, 0, True) + strategy_sets(b, 0, False))

@@ -61,3 +61,45 @@ def test_min_mode_nudges_upward():
 def test_config_default_and_off(tmp_path):
     assert load_config("configs/sms_spam.yaml", []).scheduler.tie_break == "eval_loss"
     assert load_config("configs/sms_spam.yaml", ["scheduler.tie_break=null"]).scheduler.tie_break is None
+
+
+@pytest.mark.parametrize("sets, rungs", [
+    (["trial.optim.max_steps=72", "trial.eval.every_steps=4", "scheduler.reduction_factor=3"], [4, 12, 36]),
+    (["trial.optim.max_steps=300", "trial.eval.every_steps=25"], [25, 50, 100, 200]),  # reduction factor 2
+    (["trial.optim.max_steps=30", "trial.eval.every_steps=10", "scheduler.reduction_factor=2.5"], [10, 25]),
+    (["trial.optim.max_steps=24", "trial.eval.every_steps=4", "scheduler.grace_period=2"], [8, 16]),
+])
+def test_eval_at_rungs_evaluates_where_asha_decides(sets, rungs):
+    """scheduler.eval_at_rungs: trials evaluate at ASHA's rungs and at the end. Each rung is a step at which the
+    search's own ASHA, fed a trial that trails there, stops it; one step earlier it still lets the trial go on."""
+    cfg = load_config("configs/sms_spam.yaml", sets + ["scheduler.eval_at_rungs=true"])
+    last = cfg.trial.optim.max_steps
+    assert cfg.asha_rungs() == rungs
+    assert cfg.trial_for_trials().eval.at_steps == rungs and cfg.trial_for_trials().eval.steps(last) == rungs + [last]
+    assert cfg.trial.eval.at_steps is None  # the search's own settings keep every_steps for their meaning of a round
+    every, s = cfg.trial.eval.every_steps, cfg.scheduler
+    for rung in rungs:
+        asha = ASHA(time_attr="step", metric="val_f1", mode="max", max_t=cfg.asha_max_t(),
+                    grace_period=s.grace_period * every, reduction_factor=s.reduction_factor, tie_break=None)
+        leader, trailer = SimpleNamespace(trial_id="leader"), SimpleNamespace(trial_id="trailer")
+        for t in (leader, trailer):
+            asha.on_trial_add(None, t)
+        for step in [r for r in rungs if r <= rung]:
+            asha.on_trial_result(None, leader, {"step": step, "val_f1": 0.9})
+        for step in [r for r in rungs if r < rung]:  # the trailer ties the leader until this rung
+            assert asha.on_trial_result(None, trailer, {"step": step, "val_f1": 0.9}) == TrialScheduler.CONTINUE
+        assert asha.on_trial_result(None, trailer, {"step": rung - 1, "val_f1": 0.1}) == TrialScheduler.CONTINUE
+        assert asha.on_trial_result(None, trailer, {"step": rung, "val_f1": 0.1}) == TrialScheduler.STOP
+    # off (the default), or without ASHA: every every_steps
+    assert load_config("configs/sms_spam.yaml", sets).trial_for_trials().eval.at_steps is None
+    off = load_config("configs/sms_spam.yaml", sets + ["scheduler.eval_at_rungs=true", "scheduler.type=none"])
+    assert off.trial_for_trials().eval.at_steps is None
+
+
+def test_at_steps_must_increase():
+    from trainables.settings import SettingsError, load_trial_settings
+
+    with pytest.raises(SettingsError, match=r"at_steps must be increasing positive step numbers.*\[12, 4\]"):
+        load_trial_settings({"eval.at_steps": [12, 4]})
+    with pytest.raises(SettingsError, match="at_steps"):
+        load_trial_settings({"eval.at_steps": [0, 4]})

@@ -117,3 +117,12 @@ def test_resume_from_checkpoint_continues_the_step_count(fast_settings, tmp_path
     resumed = []
     train(s, lambda m, d: resumed.append(m[M.STEP]), checkpoint_dir=str(tmp_path / "c3"))
     assert saved == [3, 6] and resumed == [6]
+
+
+def test_eval_at_steps_reports_there_and_at_the_end(fast_settings):
+    """eval.at_steps (ASHA's rungs, with scheduler.eval_at_rungs): the real loop evaluates, reports and
+    checkpoints at exactly those steps and the last one, not every eval.every_steps."""
+    s = fast_settings.with_values({"eval.at_steps": [1, 4], "eval.every_steps": 2})
+    seen = []
+    train(s, lambda m, d: seen.append((m[M.STEP], d is not None, M.F1 in m)))
+    assert seen == [(1, True, True), (4, True, True), (6, True, True)]

@@ -61,8 +61,28 @@ class OptimSettings(_Strict):
 
 class EvalSettings(_Strict):
     every_steps: int = Field(100, gt=0, description="Evaluate and report every N optimizer steps (and at the end).")
+    at_steps: list[int] | None = Field(
+        None, description="Evaluate and report only at these optimizer steps and at the end, instead of every "
+        "every_steps (None). search.run fills it with ASHA's rungs when scheduler.eval_at_rungs is true.")
     batch_size: int = Field(64, gt=0)
     max_examples: int | None = Field(None, gt=0, description="Cap on examples per validation view (None = all).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalSettings":
+        if self.at_steps is not None and (not self.at_steps or min(self.at_steps) <= 0
+                                          or self.at_steps != sorted(set(self.at_steps))):
+            raise ValueError(f"at_steps must be increasing positive step numbers, e.g. [4, 12, 36]; got "
+                             f"{self.at_steps}")
+        return self
+
+    def first_step(self) -> int:
+        """The step of the first evaluation."""
+        return self.at_steps[0] if self.at_steps else self.every_steps
+
+    def steps(self, max_steps: int) -> list[int]:
+        """Every step a trial of `max_steps` evaluates and reports at, the last one included."""
+        at = self.at_steps or range(self.every_steps, max_steps, self.every_steps)
+        return [x for x in at if x < max_steps] + [max_steps]
 
 
 class DataSettings(_Strict):

@@ -2,8 +2,9 @@
 
     report(metrics: dict, checkpoint_dir: str | None) -> None
 
-is called every `eval.every_steps` optimizer steps and at the last step, on every rank (Ray Train wants all ranks
-to report); `checkpoint_dir` holds the adapter (safetensors), tokenizer and settings on rank 0 and is None elsewhere.
+is called every `eval.every_steps` optimizer steps (or at `eval.at_steps`) and at the last step, on every rank (Ray
+Train wants all ranks to report); `checkpoint_dir` holds the adapter (safetensors), tokenizer and settings on rank 0
+and is None elsewhere.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ def sft_config(s: TrialSettings, output_dir: str):
         lr_scheduler_type=s.optim.lr_scheduler,
         warmup_steps=s.optim.warmup_ratio,  # a float < 1 is a ratio of max_steps
         weight_decay=s.optim.weight_decay,
-        eval_strategy="steps",
-        eval_steps=s.eval.every_steps,
+        # at_steps: ReportCallback asks for the evaluations itself (Trainer evaluates when asked, whatever the
+        # strategy)
+        eval_strategy="no" if s.eval.at_steps else "steps",
+        eval_steps=None if s.eval.at_steps else s.eval.every_steps,
         save_strategy="no",
         logging_steps=max(1, min(10, s.eval.every_steps)),
         report_to="none",
@@ -137,6 +140,8 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step >= state.max_steps:
                 control.should_evaluate = True  # always evaluate the final adapter
+            elif s.eval.at_steps and state.global_step in s.eval.at_steps:
+                control.should_evaluate = True
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             t_eval = time.time()
@@ -159,7 +164,7 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
                 "eval_seconds_total": round(spent["eval"], 3),
                 "checkpoint_seconds_total": round(spent["checkpoint"], 3),
             }
-            if state.global_step == s.eval.every_steps or state.global_step >= state.max_steps:
+            if state.global_step == s.eval.first_step() or state.global_step >= state.max_steps:
                 out.update(task.report_stats())
             last.clear()
             last.update(out)

@@ -4,8 +4,9 @@
 
 runs the real driver, searcher, scheduler, MLflow tracking and summary over a synthetic objective, to measure their
 bookkeeping cost or to rehearse faults (kill, resume, Ctrl-C) in seconds. Each trial "trains" for
-`SECONDS_PER_STEP` per optimizer step, reports every `eval.every_steps` steps like the real loop, and writes a
-checkpoint (a safetensors tensor, trial_settings.json, metrics.json) under `<storage_path>/standin-<trial id>/`.
+`SECONDS_PER_STEP` per optimizer step, reports at the steps the real loop evaluates (`eval.every_steps` or
+`eval.at_steps`), and writes a checkpoint (a safetensors tensor, trial_settings.json, metrics.json) under
+`<storage_path>/standin-<trial id>/`.
 A restarted trial continues from its latest checkpoint there, as a Train run does from its own storage.
 """
 
@@ -51,9 +52,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources=None, s
     run_dir.mkdir(parents=True, exist_ok=True)
     latest = _latest(run_dir)
     step = json.loads((latest / "metrics.json").read_text())[M.STEP] if latest else 0
-    every, last = s.eval.every_steps, s.optim.max_steps
-    while step < last:
-        nxt = min(step + every, last)
+    for nxt in [x for x in s.eval.steps(s.optim.max_steps) if x > step]:
         time.sleep(SECONDS_PER_STEP * (nxt - step))
         step = nxt
         f1 = score(s, step)
