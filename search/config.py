@@ -132,9 +132,9 @@ class ExperimentConfig(_Strict):
     def trial_for_trials(self) -> TrialSettings:
         """The trial settings every trial starts from: `trial`, evaluated at ASHA's rungs with
         scheduler.eval_at_rungs."""
-        if self.scheduler.type == "asha" and self.scheduler.eval_at_rungs:
-            return self.trial.with_values({"eval.at_steps": self.asha_rungs()})
-        return self.trial
+        rungs = self.asha_rungs() if self.scheduler.type == "asha" and self.scheduler.eval_at_rungs else []
+        # no rung a trial reaches (a grace period past max_steps): ASHA never decides; evaluate as usual
+        return self.trial.with_values({"eval.at_steps": rungs}) if rungs else self.trial
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -94,6 +94,9 @@ def test_eval_at_rungs_evaluates_where_asha_decides(sets, rungs):
     assert load_config("configs/sms_spam.yaml", sets).trial_for_trials().eval.at_steps is None
     off = load_config("configs/sms_spam.yaml", sets + ["scheduler.eval_at_rungs=true", "scheduler.type=none"])
     assert off.trial_for_trials().eval.at_steps is None
+    # a grace period past the last step: no rung is ever reached, so trials evaluate as usual
+    late = load_config("configs/sms_spam.yaml", sets + ["scheduler.eval_at_rungs=true", "scheduler.grace_period=50"])
+    assert late.asha_rungs() == [] and late.trial_for_trials().eval.at_steps is None
 
 
 def test_at_steps_must_increase():
