@@ -29,30 +29,19 @@ Curve = list[dict[str, float]]  # one trial's reports in order: {"step", metric,
 
 def recorded_curves(runs: Sequence[Path], metric: str, tie_break: str | None, steps: int) -> list[Curve]:
     """The evaluation reports of every trial in these searches' Tune directories that trained all `steps`."""
-    import warnings
+    from search.report import trial_histories, tune_dir
 
-    from ray.tune import ExperimentAnalysis
-
-    from search.report import tune_dir
-
+    also = (tie_break,) if tie_break else ()
     out = []
     for run in runs:
-        where = tune_dir(run)
-        if where is None:
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                frames = ExperimentAnalysis(where).trial_dataframes.values()
-            except Exception as err:  # half-written, or from another Ray version: replay what the others recorded
-                print(f"bench.replay: cannot read {where} ({err}); its curves are left out", file=sys.stderr)
-                continue
-        for df in frames:
-            rows = [{"step": int(r["step"]), metric: float(r[metric]),
-                     **({tie_break: float(r[tie_break])} if tie_break and tie_break in r else {})}
-                    for _, r in df.iterrows() if metric in r and r[metric] == r[metric] and "step" in r]
-            if rows and rows[-1]["step"] >= steps:
-                out.append(rows)
+        histories = trial_histories(run, metric, also)
+        if not histories and tune_dir(run) is not None:  # half-written, or from another Ray version
+            print(f"bench.replay: cannot read {tune_dir(run)}; its curves are left out", file=sys.stderr)
+        for rows in histories.values():
+            curve = [{"step": r["step"], metric: r["value"], **{k: r[k] for k in also if r[k] is not None}}
+                     for r in rows if r["value"] is not None]
+            if curve and curve[-1]["step"] >= steps:
+                out.append(curve)
     return out
 
 
@@ -104,14 +93,15 @@ def summary(curves: Sequence[Curve], *, metric: str, every: int, steps: int, red
     """Per trial budget and reduction factor: P3 (mean and 10-90% range over `replays` random orders), how often the
     best trial of the replay was stopped (every trial with the best peak value stopped before its end), how often
     ASHA never came within 1% of the best (stopped before it got there), and the median P2 ratio (random no-ES /
-    random + ASHA, time to within 1% of the best either reached). Budgets up to the number of curves draw without replacement, larger ones with."""
-    rng = random.Random(seed)
+    random + ASHA, time to within 1% of the best either reached). Budgets up to the number of curves draw without
+    replacement, larger ones with."""
+    rng, pool = random.Random(seed), list(curves)
     rows = []
     for rf in factors or (reduction_factor,):
         for n in budgets:
             fractions, stopped, missed, ratios, undecided = [], 0, 0, [], 0
             for _ in range(replays):
-                drawn = rng.sample(list(curves), n) if n <= len(curves) else rng.choices(list(curves), k=n)
+                drawn = rng.sample(pool, n) if n <= len(pool) else rng.choices(pool, k=n)
                 ran = replay(drawn, metric=metric, mode="max", every=every, steps=steps, reduction_factor=rf,
                              tie_break=tie_break)
                 fractions.append(sum(ran) / (n * steps))

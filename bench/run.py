@@ -769,10 +769,7 @@ def markdown(report: dict[str, Any]) -> str:
             every = st["p2_steps"] // st["p2_evals"]
             apart = st.get("p2_apart", True)  # reports from before side by side ran the searches apart
             cpus = p2_cpus(report["machine"].get("cpus"), st.get("p2_concurrency", 2), not apart)
-            rungs, r = [], every
-            while r < st["p2_steps"] + every:  # ASHA's milestones: grace x rf^k below max_t (search/driver.py)
-                rungs.append(f"{r:g}")
-                r *= st["reduction_factor"]
+            rungs = [str(r) for r in p2_rungs(argparse.Namespace(**st))]
             lines += [f"Each search: {st['p2_trials']} trials, {st.get('p2_concurrency', 2)} at a time ({cpus} CPU "
                       f"each), of {st['p2_steps']} steps with an evaluation of {st['p2_eval_examples']} validation "
                       + (f"messages at ASHA's rungs and the last step (both strategies, `--p2-eval-at-rungs`), on "

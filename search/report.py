@@ -24,7 +24,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -60,8 +60,9 @@ def tune_dir(search_dir: Path) -> str | None:
     return str(local.resolve()) if local.is_dir() else None  # Ray reads a relative path as a URI
 
 
-def trial_histories(search_dir: Path, metric: str) -> dict[str, list[dict[str, float]]]:
-    """Per trial id, its reported results in order: wall-clock `timestamp`, `time_total_s`, `step` and the metric.
+def trial_histories(search_dir: Path, metric: str, also: Sequence[str] = ()) -> dict[str, list[dict[str, float]]]:
+    """Per trial id, its reported results in order: wall-clock `timestamp`, `time_total_s`, `step`, the metric
+    (`value`) and each metric in `also` (under its own name; None where not reported).
 
     Read from Ray Tune's experiment directory (no Ray cluster needed); {} if it cannot be read."""
     where = tune_dir(search_dir)
@@ -89,9 +90,14 @@ def trial_histories(search_dir: Path, metric: str) -> dict[str, list[dict[str, f
                 rows.append({"timestamp": float(r.get("timestamp", math.nan)),
                              "time_total_s": float(r.get("time_total_s", math.nan)),
                              "step": int(r.get("step", r.get("training_iteration", 0)) or 0),
-                             "value": float(v) if v is not None and not _isnan(v) else None})
+                             "value": _number(v),
+                             **{k: _number(r.get(k)) for k in also}})
             out[trial.trial_id] = rows
     return out
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if v is not None and not _isnan(v) else None
 
 
 def _isnan(v: Any) -> bool:

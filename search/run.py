@@ -214,12 +214,13 @@ def plan_resources(cfg: ExperimentConfig, cluster: dict | None = None) -> dict:
                 else f"lower resources.num_workers or cpus_per_worker to fit {have}")
         raise SettingsError(f"resources: one trial needs {per_trial} but the cluster has {have}; {hint}")
     concurrency = min(cfg.max_concurrent_trials, fits, cfg.num_trials)
+    ev = cfg.trial_for_trials().eval
     lines = [f"cluster: {cluster}", f"per trial: {r.num_workers} worker(s) x {r.per_worker_str()} "
              "+ the trial's own process (no CPU: it only waits on its workers)",
              f"concurrent trials: {concurrency} (asked {cfg.max_concurrent_trials}, {fits} fit)",
              f"trials: {cfg.num_trials}, {cfg.trial.optim.max_steps} steps each, evaluated "
-             + (f"at steps {', '.join(map(str, cfg.trial_for_trials().eval.steps(cfg.trial.optim.max_steps)))}"
-                if cfg.trial_for_trials().eval.at_steps else f"every {cfg.trial.eval.every_steps}")]
+             + (f"at steps {', '.join(map(str, ev.steps(cfg.trial.optim.max_steps)))}" if ev.at_steps
+                else f"every {ev.every_steps}")]
     return {"per_trial": per_trial, "concurrency": concurrency, "cluster": cluster, "lines": lines}
 
 
