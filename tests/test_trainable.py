@@ -38,6 +38,80 @@ def test_only_completion_tokens_count_in_the_loss(fast_settings, tmp_path):
     assert stats["lengths"]["train"]["max"] <= s.data.max_length
 
 
+def test_fused_head_scores_only_labelled_positions_on_cpu_with_the_same_loss_and_gradients(fast_settings, tmp_path,
+                                                                                           monkeypatch):
+    import trl.trainer.utils as trl_utils
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from trainables.sft import score_only_labelled_positions_on_cpu
+
+    s = fast_settings
+    tok = load_tokenizer(s.model)
+    task = build_task(s, tok)
+    model = load_peft_model(s.model, s.lora)
+    # SFTTrainer patches the model with TRL's fused LM head
+    trainer = SFTTrainer(model=model, args=sft_config(s, str(tmp_path)),
+                         train_dataset=Dataset.from_dict(task.train_cols),
+                         eval_dataset=Dataset.from_dict(task.val_cols), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    positions = batch["labels"][:, 1:].numel()
+    rows = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *a: rows.append(hidden.shape[0]) or apply(hidden, *a))
+    model.eval()  # no dropout: both passes see the same network
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(**batch, fused_lm_head=True)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    loss_all, grads_all = loss_and_grads()
+    assert score_only_labelled_positions_on_cpu() and score_only_labelled_positions_on_cpu()  # idempotent
+    loss_compact, grads_compact = loss_and_grads()
+    assert rows == [positions, labelled] and labelled < positions / 5  # TRL alone scores every position on CPU
+    torch.testing.assert_close(loss_compact, loss_all, rtol=1e-5, atol=1e-6)
+    assert grads_all.keys() == grads_compact.keys() and any("lora_A" in n for n in grads_all)
+    for name, grad in grads_all.items():
+        torch.testing.assert_close(grads_compact[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_evaluation_leaves_the_4bit_layers_differentiable(fast_settings):
+    """bitsandbytes repacks a 4-bit layer for inference on its first no-grad eval forward on an AVX512-BF16 CPU, and
+    the packed layer passes no gradient back; the loader keeps them unpacked (trainables.model)."""
+    import bitsandbytes as bnb
+
+    s = fast_settings.with_values({"lora.dropout": 0.0})
+    tok = load_tokenizer(s.model)
+    ids = tok(["WINNER!! claim your prize now", "see you at lunch"], return_tensors="pt", padding=True).input_ids
+
+    def lora_grads(evaluate_first: bool):
+        torch.manual_seed(0)
+        model = load_peft_model(s.model, s.lora, tok)
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers and not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero, which would leave A's gradient zero either way
+                torch.nn.init.normal_(p, std=0.05)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh, after_eval = lora_grads(False), lora_grads(True)
+    first = next(n for n in fresh if ".layers.0." in n and "lora_A" in n)
+    assert fresh[first].abs().max() > 0  # layer 0 gets its gradient through every layer above it
+    for name, grad in fresh.items():
+        torch.testing.assert_close(after_eval[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
 def test_truncation_keeps_the_completion(fast_settings):
     s = fast_settings
     fmt = ChatFormatter(load_tokenizer(s.model), s.data)

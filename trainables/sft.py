@@ -97,6 +97,38 @@ def sft_trainer_class(trainable_tokens: bool, own_eval_loss: bool = False):
     return OwnEvalLossSFTTrainer
 
 
+def score_only_labelled_positions_on_cpu() -> bool:
+    """Make TRL's fused LM head project only the positions that carry a label on CPU, as it already does on CUDA.
+
+    TRL's SFTTrainer computes the loss through a fused, chunked LM head (`trl.trainer.utils.add_fused_lm_head`).
+    On Triton devices it scores only the positions whose label is not -100; elsewhere it scores every position, so
+    that the tile shapes stay fixed for devices that recompile on a new shape (XLA). A CPU runs eagerly and never
+    recompiles. With the prompt masked out of the loss, a classification example has 2-3 labelled positions out of
+    ~70, and scoring all of them through a 4096-word head was a third of a CPU training step (24 steps of the tiny
+    model on 1 thread: 21.1 s -> 13.6 s, same loss). The scores of the labelled positions are the same either way.
+
+    Patches the one decision (`compact`) the fused head reads from `trl.trainer.utils._use_triton` at call time;
+    the kernels keep their own check. Idempotent; returns False, and changes nothing, on a TRL without that hook.
+    """
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:
+        return False
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        log.debug("TRL has no trainer.utils._use_triton: the fused LM head scores as TRL decides")
+        return False
+    if getattr(original, "_qlora_cpu_compact", False):
+        return True
+
+    def use_compact(device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    use_compact._qlora_cpu_compact = True
+    trl_utils._use_triton = use_compact
+    return True
+
+
 def import_stack() -> None:
     """Import the training stack now (torch, transformers, peft, trl, datasets, bitsandbytes), so that its cost is
     timed as imports and not inside the first phase that happens to need it."""
@@ -181,6 +213,7 @@ def train(settings: TrialSettings, report: Report, checkpoint_dir: str | None = 
     train_ds = Dataset.from_dict(task.train_cols)
     val_ds = Dataset.from_dict(task.val_cols)
     trainer_cls = sft_trainer_class(bool(task.new_tokens), own_eval_loss=task.reports_eval_loss)
+    score_only_labelled_positions_on_cpu()
     with tempfile.TemporaryDirectory(prefix="qlora-sft-") as scratch:
         trainer = trainer_cls(
             model=model,
