@@ -69,7 +69,8 @@ def test_fused_head_scores_only_labelled_positions_on_cpu_with_the_same_loss_and
         out.loss.backward()
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    # TRL's own check (an earlier trial in this process may have patched it), restored after the test
+    monkeypatch.setattr(trl_utils, "_use_triton", getattr(trl_utils._use_triton, "__wrapped__", trl_utils._use_triton))
     loss_all, grads_all = loss_and_grads()
     assert score_only_labelled_positions_on_cpu() and score_only_labelled_positions_on_cpu()  # idempotent
     loss_compact, grads_compact = loss_and_grads()
