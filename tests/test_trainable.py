@@ -8,7 +8,7 @@ import torch
 
 from trainables import metrics as M
 from trainables.data import ChatFormatter, load_splits
-from trainables.model import load_peft_model, load_tokenizer
+from trainables.model import keep_4bit_layers_differentiable, load_peft_model, load_tokenizer
 from trainables.predict import load_classifier
 from trainables.sft import sft_config, train
 from trainables.tasks import build_task
@@ -83,7 +83,8 @@ def test_fused_head_scores_only_labelled_positions_on_cpu_with_the_same_loss_and
 
 def test_an_evaluation_leaves_the_4bit_layers_differentiable(fast_settings):
     """bitsandbytes repacks a 4-bit layer for inference on its first no-grad eval forward on an AVX512-BF16 CPU, and
-    the packed layer passes no gradient back; the loader keeps them unpacked (trainables.model)."""
+    the packed layer passes no gradient back; the loader keeps them unpacked (trainables.model). Without AVX512-BF16
+    bitsandbytes never packs, and the gradient comparison holds either way: the switch itself is checked first."""
     import bitsandbytes as bnb
 
     s = fast_settings.with_values({"lora.dropout": 0.0})
@@ -105,6 +106,14 @@ def test_an_evaluation_leaves_the_4bit_layers_differentiable(fast_settings):
             model.train()
         model(input_ids=ids, labels=ids).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    # where bitsandbytes would pack (on this CPU or not), the loader's switch turns it off
+    model = load_peft_model(s.model, s.lora, tok)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = True
+    assert keep_4bit_layers_differentiable(model) == len(layers)
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
 
     fresh, after_eval = lora_grads(False), lora_grads(True)
     first = next(n for n in fresh if ".layers.0." in n and "lora_A" in n)
