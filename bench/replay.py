@@ -53,10 +53,11 @@ def replay(curves: Sequence[Curve], *, metric: str, mode: str, every: int, steps
 
     from ray.tune.schedulers import TrialScheduler
 
+    from search.config import asha_max_t
     from search.resilience import ASHA
 
     np.random.seed(0)  # ASHA draws a bracket per trial; with one bracket (brackets=1) the draw has one outcome
-    scheduler = ASHA(time_attr="step", metric=metric, mode=mode, max_t=steps + every,
+    scheduler = ASHA(time_attr="step", metric=metric, mode=mode, max_t=asha_max_t(steps, every),
                      grace_period=grace_period * every, reduction_factor=reduction_factor, tie_break=tie_break)
     ran = []
     for i, curve in enumerate(curves):

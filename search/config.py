@@ -117,14 +117,16 @@ class ExperimentConfig(_Strict):
         return Path(self.output_dir).expanduser().resolve() / self.name
 
     def asha_max_t(self) -> int:
-        """ASHA's max_t: one round past the last evaluation, so a trial that trains to the end returns from fit() by
-        itself (and releases its workers cleanly) instead of being stopped by the scheduler at its last report."""
-        return self.trial.optim.max_steps + self.trial.eval.every_steps
+        return asha_max_t(self.trial.optim.max_steps, self.trial.eval.every_steps)
+
+    def asha_grace_steps(self) -> int:
+        """ASHA's grace period in optimizer steps: scheduler.grace_period evaluation rounds."""
+        return self.scheduler.grace_period * self.trial.eval.every_steps
 
     def asha_rungs(self) -> list[int]:
         """The steps at which ASHA decides (its milestones below max_t, as Ray's ASHA lays them out for one
         bracket: grace x rf^k), rounded up to whole steps, those a trial reaches."""
-        grace, rf = self.scheduler.grace_period * self.trial.eval.every_steps, self.scheduler.reduction_factor
+        grace, rf = self.asha_grace_steps(), self.scheduler.reduction_factor
         count = int(math.log(self.asha_max_t() / grace) / math.log(rf) + 1)
         rungs = sorted({math.ceil(grace * rf ** k) for k in range(count)})
         return [r for r in rungs if r <= self.trial.optim.max_steps]
@@ -135,6 +137,12 @@ class ExperimentConfig(_Strict):
         rungs = self.asha_rungs() if self.scheduler.type == "asha" and self.scheduler.eval_at_rungs else []
         # no rung a trial reaches (a grace period past max_steps): ASHA never decides; evaluate as usual
         return self.trial.with_values({"eval.at_steps": rungs}) if rungs else self.trial
+
+
+def asha_max_t(max_steps: int, every_steps: int) -> int:
+    """ASHA's max_t: one evaluation round past the last step, so a trial that trains to the end returns from fit() by
+    itself (and releases its workers cleanly) instead of being stopped by the scheduler at its last report."""
+    return max_steps + every_steps
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -168,7 +168,7 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
     # ASHA counts optimizer steps (the reported `step`), which stay right when a trial restarts from a checkpoint;
     # Tune's training_iteration starts again at 1 in a restarted trial.
     scheduler = (ASHA(time_attr="step", max_t=cfg.asha_max_t(),
-                      grace_period=cfg.scheduler.grace_period * cfg.trial.eval.every_steps,
+                      grace_period=cfg.asha_grace_steps(),
                       reduction_factor=cfg.scheduler.reduction_factor, tie_break=cfg.scheduler.tie_break)
                  if cfg.scheduler.type == "asha" else FIFO())
     for cb in callbacks:
