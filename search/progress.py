@@ -31,7 +31,8 @@ STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR
 
 def quiet_libraries(verbose: bool) -> None:
     """Library logs off by default (MLflow's database setup, Optuna's study notices, bitsandbytes' CPU kernel
-    notice); `--verbose` leaves them as the libraries set them. Call before those libraries are imported."""
+    notices, which come through the `kernels` package's logger where that is installed: transformers 5.25 pulls it
+    in); `--verbose` leaves them as the libraries set them. Call before those libraries are imported."""
     if verbose:
         return
     import logging
@@ -39,7 +40,8 @@ def quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("mlflow", "alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import optuna
 

@@ -161,3 +161,15 @@ def test_4bit_without_bitsandbytes_is_refused(capsys, tmp_path, monkeypatch):
     code, out, err = _run(capsys, "--set", f"output_dir={tmp_path}", "--set", "trial.model.quantization=4bit")
     assert code == 2 and "trial.model.quantization: 4bit needs bitsandbytes; pip install bitsandbytes" in err
     assert err.count("\n") == 1 and "Traceback" not in err and not ray.is_initialized()
+
+
+def test_a_refusal_in_a_fresh_process_is_one_line(tmp_path):
+    """In a fresh interpreter, where the import of bitsandbytes (before the refusal) runs and may log: where the
+    `kernels` package is installed (transformers 5.25 pulls it in), bitsandbytes' CPU backend asks it for a hub kernel
+    at import and it logs a notice. Tests in this process import bitsandbytes once, so only a subprocess sees this."""
+    argv = [sys.executable, "-m", "search.run", "--set", f"output_dir={tmp_path}",
+            "--set", "mlflow.tracking_uri=http://127.0.0.1:9"]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: mlflow.tracking_uri: http://127.0.0.1:9 does not answer"), result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == "", result.stderr
