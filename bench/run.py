@@ -777,7 +777,9 @@ def markdown(report: dict[str, Any]) -> str:
                       + f"`{st['p2_space']}`. TPE starts with Optuna's random "
                       f"start-up trials; ASHA: grace period {every} steps (one evaluation round), reduction factor "
                       f"{st['reduction_factor']:g} (rungs at steps {', '.join(rungs)}), ties at a rung ordered by "
-                      f"eval loss. Random search runs every "
+                      + ("eval loss, as are the values TPE is told (`searcher.tie_break`)"
+                         if st.get("searcher_tie_break") else "eval loss")
+                      + ". Random search runs every "
                       f"trial to the end. Same seed, trial budget and concurrency for both"
                       + (", one after the other." if apart else
                          ": the two searches of a seed run side by side, started together, each in its own process, "
@@ -902,11 +904,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     parts = set(args.only or ("p1", "p2", "p4"))
     t0, cpu0 = time.time(), cpu_times()
+    from search.config import load_config
+
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
         "machine": machine(), "versions": versions(),
-        "settings": vars(args), "targets": TARGETS,
+        "settings": {**vars(args), "searcher_tie_break": load_config(CONFIG, []).searcher.tie_break},
+        "targets": TARGETS,
     }
     b = Bench(out, args)
     _say(f"writing to {out}")

@@ -41,6 +41,10 @@ class SearcherSettings(_Strict):
     algorithm: Literal["tpe", "random"] = "tpe"
     seed: int = 0
     n_startup_trials: int = Field(3, ge=1, description="Random trials before TPE starts modelling (Optuna).")
+    tie_break: Optional[Literal["eval_loss"]] = Field(
+        M.EVAL_LOSS, description="Tell TPE each trial's objective with ties ordered by this metric (lower is better; "
+        "a nudge below 1e-6), so that while every trial scores the same (F1 0 early in a wide search) TPE models the "
+        "one closest to the answers as best, not whichever it sorts first; null: the objective as is.")
 
 
 class ResourceSettings(_Strict):

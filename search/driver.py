@@ -135,10 +135,9 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
                 verbose: bool = False):
     from optuna.samplers import RandomSampler, TPESampler
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from search.cluster import storage_root
-    from search.resilience import ASHA, FIFO, SearchState, restored_callbacks
+    from search.resilience import ASHA, FIFO, SearchState, TieBreakingOptunaSearch, restored_callbacks
     from trainables.ray_trainable import TRIAL_RESOURCES, TrialResources
 
     root = storage_root(cfg)  # trial results and checkpoints: output_dir, or shared storage on a cluster
@@ -163,8 +162,9 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
         return tuner
     sampler = (TPESampler(seed=cfg.searcher.seed, n_startup_trials=cfg.searcher.n_startup_trials)
                if cfg.searcher.algorithm == "tpe" else RandomSampler(seed=cfg.searcher.seed))
-    searcher = OptunaSearch(metric=cfg.objective.metric, mode=cfg.objective.mode, sampler=sampler,
-                            points_to_evaluate=space.points_to_evaluate or None)
+    searcher = TieBreakingOptunaSearch(metric=cfg.objective.metric, mode=cfg.objective.mode, sampler=sampler,
+                                       points_to_evaluate=space.points_to_evaluate or None,
+                                       tie_break=cfg.searcher.tie_break)
     # ASHA counts optimizer steps (the reported `step`), which stay right when a trial restarts from a checkpoint;
     # Tune's training_iteration starts again at 1 in a restarted trial.
     scheduler = (ASHA(time_attr="step", max_t=cfg.asha_max_t(),

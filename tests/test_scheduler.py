@@ -106,3 +106,29 @@ def test_at_steps_must_increase():
         load_trial_settings({"eval.at_steps": [12, 4]})
     with pytest.raises(SettingsError, match="at_steps"):
         load_trial_settings({"eval.at_steps": [0, 4]})
+
+
+@pytest.mark.parametrize("tie_break", [None, "eval_loss"])
+def test_tpe_is_told_ties_ordered_by_eval_loss(tie_break):
+    """Three trials all at F1 0: TPE's good group (its best trial) is the one with the lowest eval loss, not the first
+    told; the values it is told stay within 1e-6 of the objective. Ray's OptunaSearch with a real Optuna study."""
+    from optuna.samplers import TPESampler
+    from ray import tune
+
+    from search.resilience import TieBreakingOptunaSearch
+
+    searcher = TieBreakingOptunaSearch(space={"lr": tune.loguniform(1e-5, 5e-2)}, metric="val_f1", mode="max",
+                                       sampler=TPESampler(seed=0, n_startup_trials=3), tie_break=tie_break)
+    losses = {"t0": 3.0, "t1": 0.7, "t2": 2.0}
+    params = {t: searcher.suggest(t) for t in losses}
+    for t, loss in losses.items():
+        searcher.on_trial_complete(t, {"val_f1": 0.0, "eval_loss": loss, "step": 4})
+    study = searcher._ot_study
+    assert all(abs(v) < 1e-6 for v in (tr.value for tr in study.trials))
+    best = study.best_trial.params["lr"]
+    assert best == (params["t1"] if tie_break else params["t0"])["lr"]
+
+
+def test_searcher_tie_break_default_and_off():
+    assert load_config("configs/sms_spam.yaml", []).searcher.tie_break == "eval_loss"
+    assert load_config("configs/sms_spam.yaml", ["searcher.tie_break=null"]).searcher.tie_break is None
