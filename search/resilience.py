@@ -64,8 +64,8 @@ class ASHA(_ControllerAware, ASHAScheduler):
     Once more than 1/reduction_factor of a rung scores 0, the cutoff is 0 and no such trial is ever stopped, however
     many better ones there are. With `tie_break="eval_loss"`, the value ASHA ranks is the objective nudged by less
     than 1e-6 in the direction of the trial's eval loss (`tie_broken`), so only equal objective values are reordered:
-    among trials at F1 0, the ones closest to the gold answers are kept. The results Tune, the searcher and MLflow see
-    are unchanged."""
+    among trials at F1 0, the ones closest to the gold answers are kept. The results Tune and MLflow see are
+    unchanged; the searcher is told the same nudge where `searcher.tie_break` asks (`TieBreakingOptunaSearch`)."""
 
     def __init__(self, *args, tie_break: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
