@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bench.run import best_so_far_curve, ceiling, compare, time_to_reach, trial_breakdown, trial_split, within
@@ -262,3 +264,45 @@ def test_p2_eval_at_rungs_gives_both_strategies_the_rungs_asha_decides_at():
         assert "trial.eval.at_steps=[4, 12, 36]" in extra, (tpe_asha, extra)
     args.p2_eval_at_rungs = False
     assert not any("at_steps" in x for x in strategy_sets(b, 0, True) + strategy_sets(b, 0, False))
+
+
+def test_model_flops_per_token_by_hand_and_against_the_models_own_linear_layers():
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from bench.throughput import SHAPES, frozen_matmul_params, model_flops_per_token
+
+    cfg = SHAPES["tiny"]  # h 192, MLP 512, 4 heads and 2 KV heads of 48, 3 layers, vocab 4096
+    per_layer = 192 * 192 + 2 * 192 * 96 + 192 * 192 + 3 * 192 * 512
+    assert frozen_matmul_params(cfg) == 3 * per_layer + 4096 * 192 == 2002944
+    f = model_flops_per_token(cfg, lora_params=1000, lengths=[2, 4])
+    # attention: 6 x layers x (heads x head_dim) x a token's example length, token-weighted: (2*2 + 4*4) / 6
+    assert f["attention"] == pytest.approx(6 * 3 * 192 * 20 / 6)
+    assert f["total"] == pytest.approx(4 * 2002944 + 6 * 1000 + 11520)
+    for shape in SHAPES.values():  # every matmul weight of the real architecture, LM head included, is counted
+        with torch.device("meta"):
+            model = Qwen3ForCausalLM(Qwen3Config(**shape))
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert frozen_matmul_params(shape) == linear
+
+
+def test_throughput_run_times_real_tokens_of_both_loops_and_writes_its_report(tmp_path):
+    from bench.throughput import example_lengths, main
+
+    out = tmp_path / "out"
+    rc = main(["--shape", "tiny", "--only", "search:4bit:free", "bare:4bit:padded", "--steps", "2", "--warmup", "1",
+               "--batch", "8", "--peak-tflops", "1", "--out", str(out), "--model-cache", str(tmp_path / "models")])
+    assert rc == 0
+    report = json.loads((out / "throughput.json").read_text())
+    search, bare = report["runs"]
+    assert (search["loop"], search["padding"], bare["loop"], bare["padding"]) == ("search", "free", "bare", "padded")
+    assert report["model"] == str(tmp_path / "models" / "tiny-3l")
+    lengths = example_lengths(report["model"], 256)
+    for r in (search, bare):
+        assert r["timed_steps"] == 2 and r["tokens_per_s"] > 0
+        assert 2 * 8 * min(lengths) <= r["tokens"] <= 2 * 8 * max(lengths)
+        assert r["mfu"] == pytest.approx(r["model_tflops_per_s"], rel=0.01, abs=1e-3)  # peak 1 TFLOP/s
+    # same seed, same data order: the same examples, so the same real tokens, padded or not
+    assert search["tokens"] == bare["tokens"]
+    md = (out / "throughput.md").read_text()
+    assert "| search | 4-bit nf4 | free |" in md and "| bare | 4-bit nf4 | padded |" in md

@@ -210,3 +210,38 @@ def test_eval_at_steps_reports_there_and_at_the_end(fast_settings):
     seen = []
     train(s, lambda m, d: seen.append((m[M.STEP], d is not None, M.F1 in m)))
     assert seen == [(1, True, True), (4, True, True), (6, True, True)]
+
+
+def test_padding_free_batches_give_the_padded_loss_and_gradients(fast_settings, tmp_path):
+    """optim.padding_free lays a batch's examples end to end in one row; attention must stay inside each example
+    (transformers builds a block-diagonal mask from the position ids), so loss and gradients equal the padded batch's.
+    """
+    from datasets import Dataset
+
+    from trainables.sft import sft_trainer_class
+
+    s = fast_settings.with_values({"model.quantization": "none", "model.dtype": "float32"})
+    tok = load_tokenizer(s.model)
+    task = build_task(s, tok)
+    model = load_peft_model(s.model, s.lora)
+    model.eval()  # no dropout: both passes see the same network
+    results = {}
+    for padding_free in (False, True):
+        sp = s.with_values({"optim.padding_free": padding_free})
+        trainer = sft_trainer_class(False)(model=model, args=sft_config(sp, str(tmp_path / str(padding_free))),
+                                           train_dataset=Dataset.from_dict(task.train_cols),
+                                           eval_dataset=Dataset.from_dict(task.val_cols), processing_class=tok)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        results[padding_free] = (batch, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                          if p.requires_grad})
+    padded, free = results[False][0], results[True][0]
+    lengths = padded["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # the padded batch holds padding
+    assert free["input_ids"].shape == (1, int(lengths.sum())) and "attention_mask" not in free
+    assert int((free["labels"] != -100).sum()) == int((padded["labels"] != -100).sum())
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
+    for name, grad in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -57,6 +57,10 @@ class OptimSettings(_Strict):
     batch_size: int = Field(16, gt=0, le=4096, description="Per-worker batch size.")
     grad_accum: int = Field(1, gt=0, le=1024)
     max_steps: int = Field(300, gt=0, description="Optimizer steps per trial.")
+    padding_free: bool = Field(
+        False, description="Train on each batch's examples laid end to end in one row, with position ids marking "
+        "where each starts (TRL's padding_free), instead of padding them to the longest: no compute on padding. "
+        "Attention stays within each example (flash attention where installed, else a block-diagonal mask).")
 
 
 class EvalSettings(_Strict):

@@ -62,6 +62,7 @@ def sft_config(s: TrialSettings, output_dir: str):
         gradient_checkpointing=False,  # handled when the model is built (model.gradient_checkpointing)
         remove_unused_columns=True,
         include_num_input_tokens_seen="non_padding",
+        padding_free=s.optim.padding_free,
     )
 
 
