@@ -433,6 +433,8 @@ def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
              "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
     if tpe_asha:
         extra += ["--set", f"scheduler.reduction_factor={b.args.reduction_factor}"]
+        if b.args.p2_startup_trials:
+            extra += ["--set", f"searcher.n_startup_trials={b.args.p2_startup_trials}"]
     if b.args.p2_eval_at_rungs:  # both evaluate at the rungs TPE + ASHA's trials evaluate at (scheduler.eval_at_rungs)
         extra += ["--set", f"trial.eval.at_steps={p2_rungs(b.args)}"]
     return extra
@@ -774,8 +776,11 @@ def markdown(report: dict[str, Any]) -> str:
                       f"each), of {st['p2_steps']} steps with an evaluation of {st['p2_eval_examples']} validation "
                       + (f"messages at ASHA's rungs and the last step (both strategies, `--p2-eval-at-rungs`), on "
                          if st.get("p2_eval_at_rungs") else f"messages every {every} steps, on ")
-                      + f"`{st['p2_space']}`. TPE starts with Optuna's random "
-                      f"start-up trials; ASHA: grace period {every} steps (one evaluation round), reduction factor "
+                      + f"`{st['p2_space']}`. TPE starts with "
+                      + (f"{st['p2_startup_trials']} random start-up trial(s) (`--p2-startup-trials`)"
+                         if st.get("p2_startup_trials")
+                         else "Optuna's random start-up trials (searcher.n_startup_trials)")
+                      + f"; ASHA: grace period {every} steps (one evaluation round), reduction factor "
                       f"{st['reduction_factor']:g} (rungs at steps {', '.join(rungs)}), ties at a rung ordered by "
                       + ("eval loss, as are the values TPE is told (`searcher.tie_break`)"
                          if st.get("searcher_tie_break") else "eval loss")
@@ -889,6 +894,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p2-eval-at-rungs", action="store_true", help="Both P2 strategies evaluate only at ASHA's "
                     "rungs and at the end (scheduler.eval_at_rungs), not every --p2-steps / --p2-evals steps.")
     ap.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor in P2.")
+    ap.add_argument("--p2-startup-trials", type=int, help="TPE's random start-up trials in P2 (default: the "
+                    "search's searcher.n_startup_trials). Random search draws the same first configurations for the "
+                    "same seed, so only TPE's later trials can differ.")
     ap.add_argument("--p2-concurrency", type=int, default=1, help="Trials at once in each P2 search (both "
                     "strategies); a trial gets the machine's CPUs divided by the trials running at once (this, "
                     "times 2 when the searches run side by side).")
