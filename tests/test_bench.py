@@ -257,13 +257,18 @@ def test_p2_eval_at_rungs_gives_both_strategies_the_rungs_asha_decides_at():
     from bench.run import strategy_sets
 
     args = argparse.Namespace(p2_trials=6, p2_concurrency=1, p2_apart=False, p2_space="bench/space-wide.yaml", p2_steps=72,
-                              p2_evals=18, reduction_factor=3.0, p2_eval_at_rungs=True)
+                              p2_evals=18, reduction_factor=3.0, p2_eval_at_rungs=True, p2_startup_trials=None)
     b = argparse.Namespace(args=args, out=None)
     sets = {flag: strategy_sets(b, 0, flag) for flag in (True, False)}
     for tpe_asha, extra in sets.items():
         assert "trial.eval.at_steps=[4, 12, 36]" in extra, (tpe_asha, extra)
     args.p2_eval_at_rungs = False
     assert not any("at_steps" in x for x in strategy_sets(b, 0, True) + strategy_sets(b, 0, False))
+    # --p2-startup-trials changes TPE's start-up trials only; the search's own default otherwise
+    assert not any("n_startup_trials" in x for x in sets[True] + sets[False])
+    args.p2_startup_trials = 1
+    assert "searcher.n_startup_trials=1" in strategy_sets(b, 0, True)
+    assert not any("n_startup_trials" in x for x in strategy_sets(b, 0, False))
 
 
 def test_model_flops_per_token_by_hand_and_against_the_models_own_linear_layers():
