@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, help="The device's peak dense bf16 TFLOP/s, for MFU on a device "
                     f"not in {sorted(PEAK_TFLOPS)} (a CPU, say).")
     ap.add_argument("--model-cache", type=Path, default=ROOT / ".cache" / "throughput")
+    ap.add_argument("--config-timeout", type=float, default=None, help="Seconds one configuration may take before "
+                    "it is stopped and recorded as failed (default: no limit).")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration's JSON spec; prints its result
     args = ap.parse_args(argv)
     if args.one:
@@ -310,37 +312,53 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building the {args.shape} model ({layers or 'all'} layers) under {args.model_cache}", flush=True)
     model = build_model(args.model_cache, args.shape, layers)
     grid = [tuple(x.split(":")) for x in args.only] if args.only else GRID
-    runs = []
+    cfg = json.loads((model / "config.json").read_text())
+    mean_length = _mean(example_lengths(str(model), args.max_length))
+    runs: list[dict[str, Any]] = []
+
+    def write() -> dict[str, Any]:  # after every configuration: a run cut short keeps the ones it finished
+        report = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
+                  "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "machine": {**machine(), "device": torch.cuda.get_device_name(0) if on_gpu else "CPU"},
+                  "shape": args.shape, "layers": cfg["num_hidden_layers"], "model": str(model), "settings": {
+                      k: getattr(args, k) for k in ("steps", "warmup", "batch", "max_length", "r", "peak_tflops")},
+                  "mean_length": mean_length, "runs": runs, "ratios": ratios(runs),
+                  "finished": len(runs) == len(grid), "wall_seconds": round(time.time() - t0, 1)}
+        (args.out / "throughput.json").write_text(json.dumps(report, indent=2))
+        (args.out / "throughput.md").write_text(markdown(report))
+        return report
+
     for loop, quant, padding in grid:
         spec = {"model": str(model), "loop": loop, "quant": quant, "padding": padding, "steps": args.steps,
                 "warmup": args.warmup, "batch": args.batch, "max_length": args.max_length, "r": args.r,
                 "peak_tflops": args.peak_tflops}
         print(f"[{time.strftime('%H:%M:%S')}] {loop} loop, {quant}, {padding} ...", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--one", json.dumps(spec)], cwd=ROOT,
-                              capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--one", json.dumps(spec)], cwd=ROOT,
+                                  capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                  timeout=args.config_timeout)
+        except subprocess.TimeoutExpired as e:
+            proc = subprocess.CompletedProcess(e.cmd, -9, _text(e.stdout),
+                                               _text(e.stderr) + f"\ntimed out after {args.config_timeout} s")
         found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not found:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             runs.append({"loop": loop, "quant": quant, "padding": padding, "error": tail[0]})
             print(f"  failed: {tail[0]}", flush=True)
-            continue
-        r = json.loads(found[-1])
-        runs.append(r)
-        print(f"  {r['tokens_per_s']} tokens/s, {r['step_seconds']} s/step"
-              + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""), flush=True)
-    cfg = json.loads((model / "config.json").read_text())
-    report = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
-              "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {**machine(), "device": torch.cuda.get_device_name(0) if on_gpu else "CPU"},
-              "shape": args.shape, "layers": cfg["num_hidden_layers"], "model": str(model), "settings": {
-                  k: getattr(args, k) for k in ("steps", "warmup", "batch", "max_length", "r", "peak_tflops")},
-              "mean_length": _mean(example_lengths(str(model), args.max_length)),
-              "runs": runs, "ratios": ratios(runs), "wall_seconds": round(time.time() - t0, 1)}
-    (args.out / "throughput.json").write_text(json.dumps(report, indent=2))
-    (args.out / "throughput.md").write_text(markdown(report))
+            print("\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:]), file=sys.stderr, flush=True)
+        else:
+            r = json.loads(found[-1])
+            runs.append(r)
+            print(f"  {r['tokens_per_s']} tokens/s, {r['step_seconds']} s/step"
+                  + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""), flush=True)
+        report = write()
     print(markdown(report))
     print(f"written: {args.out / 'throughput.json'}, {args.out / 'throughput.md'}")
     return 0 if all("error" not in r for r in runs) else 1
+
+
+def _text(x: bytes | str | None) -> str:
+    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
 
 
 def _mean(xs: list[int]) -> float:
