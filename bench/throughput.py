@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
                   "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "machine": {**machine(), "device": torch.cuda.get_device_name(0) if on_gpu else "CPU"},
-                  "shape": args.shape, "layers": cfg["num_hidden_layers"], "model": str(model), "settings": {
+                  "shape": args.shape, "layers": cfg["num_hidden_layers"], "model": _rel(model), "settings": {
                       k: getattr(args, k) for k in ("steps", "warmup", "batch", "max_length", "r", "peak_tflops")},
                   "mean_length": mean_length, "runs": runs, "ratios": ratios(runs),
                   "finished": len(runs) == len(grid), "wall_seconds": round(time.time() - t0, 1)}
@@ -355,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(report))
     print(f"written: {args.out / 'throughput.json'}, {args.out / 'throughput.md'}")
     return 0 if all("error" not in r for r in runs) else 1
+
+
+def _rel(path: Path) -> str:
+    """`path` relative to the repository where it lies inside it: no machine's paths in a report."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _text(x: bytes | str | None) -> str:

@@ -245,3 +245,43 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(fast_settings, 
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
     for name, grad in results[False][2].items():
         torch.testing.assert_close(results[True][2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unquantized_modules_load_in_the_chosen_dtype_and_train(fast_settings, monkeypatch):
+    """model.unquantized_dtype: with 4-bit, float32 keeps the embedding, norms and head in fp32 (auto on a CPU);
+    compute loads them in model.dtype, and the loop trains that way too (finite loss, adapters move)."""
+    from bitsandbytes.nn import Linear4bit
+
+    from trainables.model import unquantized_load_dtype
+
+    def unquantized(model):
+        return {p.dtype for name, p in model.named_parameters()
+                if "lora_" not in name and not isinstance(model.get_submodule(name.rsplit(".", 1)[0]), Linear4bit)}
+
+    default = load_peft_model(fast_settings.model, fast_settings.lora)
+    assert unquantized(default) == {torch.float32}
+    s = fast_settings.with_values({"model.unquantized_dtype": "compute", "model.dtype": "bfloat16"})
+    model = load_peft_model(s.model, s.lora)
+    assert unquantized(model) == {torch.bfloat16}
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    reports, trained = [], {}
+
+    def keep(model):
+        trained.update(dtypes=unquantized(model), lora_B=[p.detach().abs().sum().item()
+                                                         for n, p in model.named_parameters() if "lora_B" in n])
+
+    train(s.with_values({"optim.max_steps": 3, "eval.every_steps": 3}), lambda m, c: reports.append(m),
+          checkpoints=False, on_end=keep)
+    assert trained["dtypes"] == {torch.bfloat16}
+    assert all(b > 0 for b in trained["lora_B"])  # lora_B starts at zero: every adapter was updated
+    loss = reports[-1]["train_loss"]
+    assert loss == loss and loss < 100  # finite
+
+    # auto is the compute dtype where a GPU is found (the GPU is mocked: none exists here), fp32 without one
+    m = fast_settings.model
+    assert unquantized_load_dtype(m) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert unquantized_load_dtype(m) == torch.bfloat16
+    assert unquantized_load_dtype(m.model_copy(update={"unquantized_dtype": "float32"})) == torch.float32
+    assert unquantized_load_dtype(m.model_copy(update={"quantization": "none", "dtype": "float32"})) == torch.float32

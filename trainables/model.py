@@ -32,6 +32,21 @@ def torch_dtype(name: str):
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[auto_dtype() if name == "auto" else name]
 
 
+def unquantized_load_dtype(m: ModelSettings):
+    """The `from_pretrained` dtype: with 4-bit, that of the modules left unquantized (`model.unquantized_dtype`:
+    fp32 as QLoRA keeps them, or the compute dtype; auto: the compute dtype on a GPU, fp32 on a CPU); else the
+    model's dtype."""
+    import torch
+
+    if m.quantization == "4bit":
+        choice = m.unquantized_dtype
+        if choice == "auto":
+            choice = "compute" if torch.cuda.is_available() else "float32"
+        if choice == "float32":
+            return torch.float32
+    return torch_dtype(m.dtype)
+
+
 def bnb_config(m: ModelSettings):
     """nf4 + double quant with bf16 (or fp32) compute, or None when quantization is off."""
     if m.quantization == "none":
@@ -109,12 +124,12 @@ def load_base_model(m: ModelSettings, tokenizer=None):
     """The frozen base: 4-bit nf4 through bitsandbytes, or bf16/fp32; embeddings grown to fit `tokenizer`."""
     from transformers import AutoModelForCausalLM
 
-    # With 4-bit, the modules left unquantized (embeddings, norms, head) are kept in fp32 as in QLoRA, and the same
+    # With 4-bit, the modules left unquantized (embeddings, norms, head) are in `unquantized_load_dtype`; the same
     # load is used for training and inference, so both compute identical numbers.
     model = AutoModelForCausalLM.from_pretrained(
         m.name_or_path,
         quantization_config=bnb_config(m),
-        dtype=torch_dtype("float32" if m.quantization == "4bit" else m.dtype),
+        dtype=unquantized_load_dtype(m),
         device_map=device_map(),
         trust_remote_code=m.trust_remote_code,
     )
