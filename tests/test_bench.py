@@ -311,3 +311,17 @@ def test_throughput_run_times_real_tokens_of_both_loops_and_writes_its_report(tm
     assert search["tokens"] == bare["tokens"]
     md = (out / "throughput.md").read_text()
     assert "| search | 4-bit nf4 | free |" in md and "| bare | 4-bit nf4 | padded |" in md
+
+
+def test_throughput_records_a_configuration_past_its_time_limit_as_failed_and_still_writes_the_report(tmp_path):
+    from bench.throughput import main
+
+    out = tmp_path / "out"
+    rc = main(["--shape", "tiny", "--only", "search:4bit:padded", "--steps", "2", "--config-timeout", "0.5",
+               "--out", str(out), "--model-cache", str(tmp_path / "models")])
+    assert rc == 1
+    report = json.loads((out / "throughput.json").read_text())
+    assert report["runs"] == [{"loop": "search", "quant": "4bit", "padding": "padded",
+                               "error": "timed out after 0.5 s"}]
+    assert report["finished"] is True  # every configuration of the grid was tried
+    assert "| search | 4bit | padded | failed: timed out after 0.5 s |" in (out / "throughput.md").read_text()
