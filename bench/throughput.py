@@ -313,17 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.model_cache, args.shape, layers)
     grid = [tuple(x.split(":")) for x in args.only] if args.only else GRID
     cfg = json.loads((model / "config.json").read_text())
-    mean_length = _mean(example_lengths(str(model), args.max_length))
+    head = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
+            "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": {**machine(), "device": torch.cuda.get_device_name(0) if on_gpu else "CPU"},
+            "shape": args.shape, "layers": cfg["num_hidden_layers"], "model": _rel(model), "settings": {
+                k: getattr(args, k) for k in ("steps", "warmup", "batch", "max_length", "r", "peak_tflops")},
+            "mean_length": _mean(example_lengths(str(model), args.max_length))}
     runs: list[dict[str, Any]] = []
 
     def write() -> dict[str, Any]:  # after every configuration: a run cut short keeps the ones it finished
-        report = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
-                  "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "machine": {**machine(), "device": torch.cuda.get_device_name(0) if on_gpu else "CPU"},
-                  "shape": args.shape, "layers": cfg["num_hidden_layers"], "model": _rel(model), "settings": {
-                      k: getattr(args, k) for k in ("steps", "warmup", "batch", "max_length", "r", "peak_tflops")},
-                  "mean_length": mean_length, "runs": runs, "ratios": ratios(runs),
-                  "finished": len(runs) == len(grid), "wall_seconds": round(time.time() - t0, 1)}
+        report = {**head, "runs": runs, "ratios": ratios(runs), "finished": len(runs) == len(grid),
+                  "wall_seconds": round(time.time() - t0, 1)}
         (args.out / "throughput.json").write_text(json.dumps(report, indent=2))
         (args.out / "throughput.md").write_text(markdown(report))
         return report
@@ -342,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
                                                _text(e.stderr) + f"\ntimed out after {args.config_timeout} s")
         found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not found:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            runs.append({"loop": loop, "quant": quant, "padding": padding, "error": tail[0]})
-            print(f"  failed: {tail[0]}", flush=True)
-            print("\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:]), file=sys.stderr, flush=True)
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+            runs.append({"loop": loop, "quant": quant, "padding": padding, "error": lines[-1]})
+            print(f"  failed: {lines[-1]}", flush=True)
+            print("\n".join(lines[-15:]), file=sys.stderr, flush=True)
         else:
             r = json.loads(found[-1])
             runs.append(r)
