@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -111,6 +112,10 @@ def step_timer(state: dict[str, Any]):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, st, control, model=None, **kw):
+            if model is not None:  # the dtype the unquantized modules (embedding, LM head, norms) train in
+                state["unquantized_dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+
         def on_step_end(self, args, st, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -161,14 +166,19 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.cuda.get_device_name(0) if on_gpu else "cpu"
     peak = peak_tflops(device if on_gpu else None, spec.get("peak_tflops"))
     tps = tokens / seconds if seconds > 0 else None
+    # each timed step's own time: a mean pulled up by a few long steps (a kernel compiled mid-run, say) shows as a
+    # median below it
+    step_times = [round(b[0] - a[0], 4) for a, b in zip(marks, marks[1:])]
     return {**{k: spec[k] for k in ("loop", "quant", "padding")}, "device": device, "timed_steps": len(marks) - 1,
             "seconds": round(seconds, 3), "tokens": int(tokens), "tokens_per_s": tps and round(tps, 1),
             "step_seconds": round(seconds / max(1, len(marks) - 1), 4),
+            "median_step_seconds": round(statistics.median(step_times), 4) if step_times else None,
+            "max_step_seconds": max(step_times, default=None), "step_times": step_times,
             "model_tflops_per_s": tps and round(tps * flops["total"] / 1e12, 3),
             "mfu": round(tps * flops["total"] / (peak * 1e12), 4) if tps and peak else None,
             "flops_per_token": flops, "peak_tflops": peak,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
-            "losses": state["losses"], "wall_seconds": round(time.time() - t0, 1)}
+            "unquantized_dtype": state.get("unquantized_dtype"), "losses": state["losses"], "wall_seconds": round(time.time() - t0, 1)}
 
 
 def example_lengths(model: str, max_length: int) -> list[int]:
@@ -241,17 +251,22 @@ def markdown(report: dict[str, Any]) -> str:
              f"batch {report['settings']['batch']} SMS Spam chat examples (mean {report['mean_length']:.1f} tokens, "
              f"max {report['settings']['max_length']}); {report['settings']['steps']} timed steps after "
              f"{report['settings']['warmup']} warm-up. Command: `{report['command']}`, {report['wall_seconds']} s.",
-             "", "| loop | base | batches | real tokens/s | s/step | model TFLOP/s | MFU | peak GPU memory (GiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| loop | base | batches | unquantized modules | real tokens/s | s/step (median, max) | "
+             "model TFLOP/s | MFU | peak GPU memory (GiB) | round |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         if "error" in r:
-            lines.append(f"| {r['loop']} | {r['quant']} | {r['padding']} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['loop']} | {r['quant']} | {r['padding']} | | failed: {r['error'][:80]} | | | | | "
+                         f"{r.get('round', 1)} |")
             continue
+        spread = f" ({r['median_step_seconds']}, {r['max_step_seconds']})" if r.get("median_step_seconds") else ""
         lines.append(f"| {r['loop']} | {'4-bit nf4' if r['quant'] == '4bit' else 'bf16'} | {r['padding']} | "
-                     f"{r['tokens_per_s']} | {r['step_seconds']} | {r['model_tflops_per_s']} | "
+                     f"{r.get('unquantized_dtype') or ''} | "
+                     f"{r['tokens_per_s']} | {r['step_seconds']}{spread} | {r['model_tflops_per_s']} | "
                      f"{_pct(r['mfu'])} | "
-                     f"{'' if r['peak_memory_gib'] is None else r['peak_memory_gib']} |")
-    lines += ["", "Ratios (same base and batches): " + "; ".join(report["ratios"]) + ".", ""]
+                     f"{'' if r['peak_memory_gib'] is None else r['peak_memory_gib']} | {r.get('round', 1)} |")
+    rounds = report["settings"].get("rounds", 1)
+    lines += ["", "Ratios (same base and batches" + (f"; medians of real tokens/s over {rounds} rounds, every other "
+              "one in reverse order" if rounds > 1 else "") + "): " + "; ".join(report["ratios"]) + ".", ""]
     return "\n".join(lines)
 
 
@@ -260,7 +275,11 @@ def _pct(x: float | None) -> str:
 
 
 def ratios(runs: list[dict[str, Any]]) -> list[str]:
-    by = {(r["loop"], r["quant"], r["padding"]): r.get("tokens_per_s") for r in runs}
+    seen: dict[tuple, list[float]] = {}
+    for r in runs:
+        if r.get("tokens_per_s"):
+            seen.setdefault((r["loop"], r["quant"], r["padding"]), []).append(r["tokens_per_s"])
+    by = {k: statistics.median(v) for k, v in seen.items()}  # a configuration run in several rounds: its median
     out = []
     for quant in ("4bit", "none"):
         for padding in ("padded", "free"):
@@ -295,8 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-cache", type=Path, default=ROOT / ".cache" / "throughput")
     ap.add_argument("--config-timeout", type=float, default=None, help="Seconds one configuration may take before "
                     "it is stopped and recorded as failed (default: no limit).")
+    ap.add_argument("--rounds", type=int, default=1, help="Run the grid this many times, every other round in "
+                    "reverse order, so that each loop of a pair runs both first and second (a cold kernel cache or "
+                    "a device warming up then counts against both); the ratios compare medians over the rounds.")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration's JSON spec; prints its result
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, not {args.rounds}")
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return 0
@@ -312,27 +336,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building the {args.shape} model ({layers or 'all'} layers) under {args.model_cache}", flush=True)
     model = build_model(args.model_cache, args.shape, layers)
     grid = [tuple(x.split(":")) for x in args.only] if args.only else GRID
+    order = [(i + 1, c) for i in range(args.rounds) for c in (grid if i % 2 == 0 else grid[::-1])]
     cfg = json.loads((model / "config.json").read_text())
     head = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
             "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": {**machine(), "device": torch.cuda.get_device_name(0) if on_gpu else "CPU"},
             "shape": args.shape, "layers": cfg["num_hidden_layers"], "model": _rel(model), "settings": {
-                k: getattr(args, k) for k in ("steps", "warmup", "batch", "max_length", "r", "peak_tflops")},
+                k: getattr(args, k) for k in ("steps", "warmup", "batch", "max_length", "r", "peak_tflops", "rounds")},
             "mean_length": _mean(example_lengths(str(model), args.max_length))}
     runs: list[dict[str, Any]] = []
 
     def write() -> dict[str, Any]:  # after every configuration: a run cut short keeps the ones it finished
-        report = {**head, "runs": runs, "ratios": ratios(runs), "finished": len(runs) == len(grid),
+        report = {**head, "runs": runs, "ratios": ratios(runs), "finished": len(runs) == len(order),
                   "wall_seconds": round(time.time() - t0, 1)}
         (args.out / "throughput.json").write_text(json.dumps(report, indent=2))
         (args.out / "throughput.md").write_text(markdown(report))
         return report
 
-    for loop, quant, padding in grid:
+    for round_, (loop, quant, padding) in order:
         spec = {"model": str(model), "loop": loop, "quant": quant, "padding": padding, "steps": args.steps,
                 "warmup": args.warmup, "batch": args.batch, "max_length": args.max_length, "r": args.r,
                 "peak_tflops": args.peak_tflops}
-        print(f"[{time.strftime('%H:%M:%S')}] {loop} loop, {quant}, {padding} ...", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {loop} loop, {quant}, {padding}"
+              + (f", round {round_}/{args.rounds}" if args.rounds > 1 else "") + " ...", flush=True)
         try:
             proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--one", json.dumps(spec)], cwd=ROOT,
                                   capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -343,11 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not found:
             lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
-            runs.append({"loop": loop, "quant": quant, "padding": padding, "error": lines[-1]})
+            runs.append({"loop": loop, "quant": quant, "padding": padding, "round": round_, "error": lines[-1]})
             print(f"  failed: {lines[-1]}", flush=True)
             print("\n".join(lines[-15:]), file=sys.stderr, flush=True)
         else:
-            r = json.loads(found[-1])
+            r = {**json.loads(found[-1]), "round": round_}
             runs.append(r)
             print(f"  {r['tokens_per_s']} tokens/s, {r['step_seconds']} s/step"
                   + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""), flush=True)

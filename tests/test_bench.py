@@ -307,10 +307,40 @@ def test_throughput_run_times_real_tokens_of_both_loops_and_writes_its_report(tm
         assert r["timed_steps"] == 2 and r["tokens_per_s"] > 0
         assert 2 * 8 * min(lengths) <= r["tokens"] <= 2 * 8 * max(lengths)
         assert r["mfu"] == pytest.approx(r["model_tflops_per_s"], rel=0.01, abs=1e-3)  # peak 1 TFLOP/s
+        # every timed step's own time, adding up to the timed window
+        assert len(r["step_times"]) == 2 and sum(r["step_times"]) == pytest.approx(r["seconds"], abs=2e-3)
+        assert r["median_step_seconds"] == pytest.approx(sum(r["step_times"]) / 2, abs=1e-4)
+        assert r["max_step_seconds"] == max(r["step_times"]) and r["round"] == 1
     # same seed, same data order: the same examples, so the same real tokens, padded or not
     assert search["tokens"] == bare["tokens"]
     md = (out / "throughput.md").read_text()
-    assert "| search | 4-bit nf4 | free |" in md and "| bare | 4-bit nf4 | padded |" in md
+    assert "| search | 4-bit nf4 | free | float32 |" in md and "| bare | 4-bit nf4 | padded |" in md
+    # on a CPU the search keeps the unquantized modules in fp32 (model.unquantized_dtype auto)
+    assert search["unquantized_dtype"] == "float32"
+
+
+def test_throughput_rounds_alternate_the_order_and_ratios_compare_medians(tmp_path):
+    from bench.throughput import main, ratios
+
+    out = tmp_path / "out"
+    # every configuration stopped at once (no training): this checks which ran when
+    rc = main(["--shape", "tiny", "--only", "search:4bit:padded", "bare:4bit:padded", "--rounds", "3",
+               "--config-timeout", "0.5", "--out", str(out), "--model-cache", str(tmp_path / "models")])
+    assert rc == 1
+    report = json.loads((out / "throughput.json").read_text())
+    assert [(r["round"], r["loop"]) for r in report["runs"]] == [
+        (1, "search"), (1, "bare"), (2, "bare"), (2, "search"), (3, "search"), (3, "bare")]
+    assert report["finished"] is True and report["settings"]["rounds"] == 3
+    assert "medians of real tokens/s over 3 rounds" in (out / "throughput.md").read_text()
+
+    def run(loop, tps):
+        return {"loop": loop, "quant": "4bit", "padding": "padded", "tokens_per_s": tps}
+
+    # search medians 100 (90, 100, 400), bare 50 (40, 50, 60): 2.00, where the means would give 2.53
+    assert ratios([run("search", 90), run("bare", 40), run("bare", 50), run("search", 400), run("search", 100),
+                   run("bare", 60)]) == ["search/bare 4bit padded 2.00"]
+    with pytest.raises(SystemExit):
+        main(["--shape", "tiny", "--rounds", "0", "--out", str(out), "--model-cache", str(tmp_path / "models")])
 
 
 def test_throughput_records_a_configuration_past_its_time_limit_as_failed_and_still_writes_the_report(tmp_path):
@@ -322,6 +352,7 @@ def test_throughput_records_a_configuration_past_its_time_limit_as_failed_and_st
     assert rc == 1
     report = json.loads((out / "throughput.json").read_text())
     assert report["runs"] == [{"loop": "search", "quant": "4bit", "padding": "padded",
+                               "round": 1,
                                "error": "timed out after 0.5 s"}]
     assert report["finished"] is True  # every configuration of the grid was tried
-    assert "| search | 4bit | padded | failed: timed out after 0.5 s |" in (out / "throughput.md").read_text()
+    assert "| search | 4bit | padded | | failed: timed out after 0.5 s | | | | | 1 |" in (out / "throughput.md").read_text()
