@@ -115,6 +115,7 @@ def step_timer(state: dict[str, Any]):
         def on_train_begin(self, args, st, control, model=None, **kw):
             if model is not None:  # the dtype the unquantized modules (embedding, LM head, norms) train in
                 state["unquantized_dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+                state["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
 
         def on_step_end(self, args, st, control, **kw):
             if torch.cuda.is_available():
@@ -142,7 +143,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "model.dtype": "bfloat16" if on_gpu else "auto", "data.path": str(ROOT / "data/sms-spam/SMSSpamCollection"),
         "data.max_length": spec["max_length"], "optim.max_steps": steps, "optim.batch_size": spec["batch"],
         "optim.padding_free": spec["padding"] == "free", "eval.every_steps": steps, "eval.max_examples": 16,
-        "lora.r": spec["r"]})
+        "lora.r": spec["r"], "model.gradient_checkpointing": spec.get("gradient_checkpointing", False)})
     state: dict[str, Any] = {"marks": [], "losses": []}
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -178,7 +179,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "mfu": round(tps * flops["total"] / (peak * 1e12), 4) if tps and peak else None,
             "flops_per_token": flops, "peak_tflops": peak,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
-            "unquantized_dtype": state.get("unquantized_dtype"), "losses": state["losses"], "wall_seconds": round(time.time() - t0, 1)}
+            "unquantized_dtype": state.get("unquantized_dtype"),
+            "gradient_checkpointing": state.get("gradient_checkpointing"), "losses": state["losses"],
+            "wall_seconds": round(time.time() - t0, 1)}
 
 
 def example_lengths(model: str, max_length: int) -> list[int]:
@@ -227,6 +230,9 @@ def bare_loop(s, state: dict[str, Any]) -> int:
                                 bnb_4bit_compute_dtype=dtype) if s.model.quantization == "4bit" else None)
     model = AutoModelForCausalLM.from_pretrained(s.model.name_or_path, quantization_config=quant, dtype=dtype,
                                                  device_map=device_map())
+    if s.model.gradient_checkpointing:  # the usual recipe's (prepare_model_for_kbit_training's) way
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=s.lora.r, lora_alpha=s.lora.alpha, lora_dropout=s.lora.dropout,
                                              target_modules=s.lora.target_modules, task_type="CAUSAL_LM"))
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -250,7 +256,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['layers']} layers, random weights, LoRA r={report['settings']['r']} on all linear layers; "
              f"batch {report['settings']['batch']} SMS Spam chat examples (mean {report['mean_length']:.1f} tokens, "
              f"max {report['settings']['max_length']}); {report['settings']['steps']} timed steps after "
-             f"{report['settings']['warmup']} warm-up. Command: `{report['command']}`, {report['wall_seconds']} s.",
+             f"{report['settings']['warmup']} warm-up"
+             f"{'; gradient checkpointing' if report['settings'].get('gradient_checkpointing') else ''}. "
+             f"Command: `{report['command']}`, {report['wall_seconds']} s.",
              "", "| loop | base | batches | unquantized modules | real tokens/s | s/step (median, max) | "
              "model TFLOP/s | MFU | peak GPU memory (GiB) | round |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
@@ -314,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-cache", type=Path, default=ROOT / ".cache" / "throughput")
     ap.add_argument("--config-timeout", type=float, default=None, help="Seconds one configuration may take before "
                     "it is stopped and recorded as failed (default: no limit).")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="Both loops recompute activations in the "
+                    "backward pass (trial.model.gradient_checkpointing).")
     ap.add_argument("--rounds", type=int, default=1, help="Run the grid this many times, every other round in "
                     "reverse order, so that each loop of a pair runs both first and second (a cold kernel cache or "
                     "a device warming up then counts against both); the ratios compare medians over the rounds.")
@@ -342,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": {**machine(), "device": torch.cuda.get_device_name(0) if on_gpu else "CPU"},
             "shape": args.shape, "layers": cfg["num_hidden_layers"], "model": _rel(model), "settings": {
-                k: getattr(args, k) for k in ("steps", "warmup", "batch", "max_length", "r", "peak_tflops", "rounds")},
+                k: getattr(args, k) for k in ("steps", "warmup", "batch", "max_length", "r", "peak_tflops", "rounds",
+                                              "gradient_checkpointing")},
             "mean_length": _mean(example_lengths(str(model), args.max_length))}
     runs: list[dict[str, Any]] = []
 
@@ -356,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     for round_, (loop, quant, padding) in order:
         spec = {"model": str(model), "loop": loop, "quant": quant, "padding": padding, "steps": args.steps,
                 "warmup": args.warmup, "batch": args.batch, "max_length": args.max_length, "r": args.r,
-                "peak_tflops": args.peak_tflops}
+                "peak_tflops": args.peak_tflops,
+                "gradient_checkpointing": args.gradient_checkpointing}
         print(f"[{time.strftime('%H:%M:%S')}] {loop} loop, {quant}, {padding}"
               + (f", round {round_}/{args.rounds}" if args.rounds > 1 else "") + " ...", flush=True)
         try:

@@ -311,12 +311,27 @@ def test_throughput_run_times_real_tokens_of_both_loops_and_writes_its_report(tm
         assert len(r["step_times"]) == 2 and sum(r["step_times"]) == pytest.approx(r["seconds"], abs=2e-3)
         assert r["median_step_seconds"] == pytest.approx(sum(r["step_times"]) / 2, abs=1e-4)
         assert r["max_step_seconds"] == max(r["step_times"]) and r["round"] == 1
+        assert r["gradient_checkpointing"] is False
     # same seed, same data order: the same examples, so the same real tokens, padded or not
     assert search["tokens"] == bare["tokens"]
     md = (out / "throughput.md").read_text()
     assert "| search | 4-bit nf4 | free | float32 |" in md and "| bare | 4-bit nf4 | padded |" in md
     # on a CPU the search keeps the unquantized modules in fp32 (model.unquantized_dtype auto)
     assert search["unquantized_dtype"] == "float32"
+
+
+def test_throughput_gradient_checkpointing_reaches_both_loops(tmp_path):
+    from bench.throughput import main
+
+    out = tmp_path / "out"
+    rc = main(["--shape", "tiny", "--only", "search:4bit:padded", "bare:4bit:padded", "--gradient-checkpointing",
+               "--steps", "1", "--warmup", "1", "--batch", "4", "--out", str(out),
+               "--model-cache", str(tmp_path / "models")])
+    assert rc == 0
+    report = json.loads((out / "throughput.json").read_text())
+    assert [r["gradient_checkpointing"] for r in report["runs"]] == [True, True]
+    assert report["settings"]["gradient_checkpointing"] is True
+    assert "; gradient checkpointing." in (out / "throughput.md").read_text()
 
 
 def test_throughput_rounds_alternate_the_order_and_ratios_compare_medians(tmp_path):
@@ -355,4 +370,5 @@ def test_throughput_records_a_configuration_past_its_time_limit_as_failed_and_st
                                "round": 1,
                                "error": "timed out after 0.5 s"}]
     assert report["finished"] is True  # every configuration of the grid was tried
-    assert "| search | 4bit | padded | | failed: timed out after 0.5 s | | | | | 1 |" in (out / "throughput.md").read_text()
+    md = (out / "throughput.md").read_text()
+    assert "| search | 4bit | padded | | failed: timed out after 0.5 s | | | | | 1 |" in md
