@@ -106,8 +106,10 @@ def build_model(out: Path, shape: str, layers: int | None) -> Path:
 # One configuration, in its own process.
 
 
-def step_timer(state: dict[str, Any]):
-    """A TrainerCallback recording, at every optimizer step's end, the time (device synchronised) and tokens seen."""
+def step_timer(state: dict[str, Any], barrier: dict[str, Any] | None = None):
+    """A TrainerCallback recording the (wall-clock) time and tokens seen when training begins and at every optimizer
+    step's end (device synchronised). `barrier` ({"dir", "copies", "copy"}): the copies of one configuration run at
+    once (--concurrent) start training together, each waiting at its start for all of them to be ready."""
     import torch
     from transformers import TrainerCallback
 
@@ -116,17 +118,32 @@ def step_timer(state: dict[str, Any]):
             if model is not None:  # the dtype the unquantized modules (embedding, LM head, norms) train in
                 state["unquantized_dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
                 state["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
+            if barrier:
+                wait_for_copies(Path(barrier["dir"]), barrier["copies"], barrier["copy"])
+            state["marks"].append((time.time(), st.num_input_tokens_seen))
 
         def on_step_end(self, args, st, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            state["marks"].append((time.perf_counter(), st.num_input_tokens_seen))
+            state["marks"].append((time.time(), st.num_input_tokens_seen))
 
         def on_log(self, args, st, control, logs=None, **kw):
             if logs and "loss" in logs:
                 state["losses"].append(logs["loss"])
 
     return StepTimer()
+
+
+def wait_for_copies(directory: Path, copies: int, copy: int, timeout: float = 900.0) -> None:
+    """Mark copy `copy` ready in `directory`, then wait until all `copies` are."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"ready-{copy}").touch()
+    deadline = time.time() + timeout
+    while len(list(directory.glob("ready-*"))) < copies:
+        if time.time() > deadline:
+            raise TimeoutError(f"only {len(list(directory.glob('ready-*')))} of {copies} copies were ready to "
+                               f"train after {timeout:.0f} s")
+        time.sleep(0.02)
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -151,15 +168,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["loop"] == "search":
         from trainables.sft import train
 
-        train(s, lambda metrics, ckpt: None, checkpoints=False, callbacks=[step_timer(state)])
+        train(s, lambda metrics, ckpt: None, checkpoints=False, callbacks=[step_timer(state, spec.get("barrier"))])
         lora_params = _lora_params(s)
     else:
         if spec["loop"] == "bare-compact":  # the bare loop with the one CPU fix the search's loop makes to TRL
             from trainables.sft import score_only_labelled_positions_on_cpu
 
             score_only_labelled_positions_on_cpu()
-        lora_params = bare_loop(s, state)
-    marks = state["marks"][spec["warmup"] - 1:] if spec["warmup"] > 0 else [(t0, 0)] + state["marks"]
+        lora_params = bare_loop(s, state, spec.get("barrier"))
+    marks = state["marks"][spec["warmup"]:]  # [training's start, step 1, ...]: the timed steps' marks
     seconds = marks[-1][0] - marks[0][0]
     tokens = marks[-1][1] - marks[0][1]
     cfg = json.loads((Path(spec["model"]) / "config.json").read_text())
@@ -171,6 +188,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     # median below it
     step_times = [round(b[0] - a[0], 4) for a, b in zip(marks, marks[1:])]
     return {**{k: spec[k] for k in ("loop", "quant", "padding")}, "device": device, "timed_steps": len(marks) - 1,
+            "window": [round(marks[0][0], 4), round(marks[-1][0], 4)], "threads": torch.get_num_threads(),
             "seconds": round(seconds, 3), "tokens": int(tokens), "tokens_per_s": tps and round(tps, 1),
             "step_seconds": round(seconds / max(1, len(marks) - 1), 4),
             "median_step_seconds": round(statistics.median(step_times), 4) if step_times else None,
@@ -208,7 +226,7 @@ def _lora_params(s) -> int:
     return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
-def bare_loop(s, state: dict[str, Any]) -> int:
+def bare_loop(s, state: dict[str, Any], barrier: dict[str, Any] | None = None) -> int:
     """The same settings through the libraries alone: QLoRA's usual recipe (from_pretrained with bitsandbytes nf4 +
     double quant in the compute dtype, get_peft_model, SFTTrainer), on the same encoded examples."""
     import tempfile
@@ -240,7 +258,7 @@ def bare_loop(s, state: dict[str, Any]) -> int:
         args = sft_config(s, tmp)
         args.eval_strategy = "no"
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(task.train_cols),
-                             processing_class=tok, callbacks=[step_timer(state)])
+                             processing_class=tok, callbacks=[step_timer(state, barrier)])
         trainer.train()
     return lora_params
 
@@ -257,7 +275,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"batch {report['settings']['batch']} SMS Spam chat examples (mean {report['mean_length']:.1f} tokens, "
              f"max {report['settings']['max_length']}); {report['settings']['steps']} timed steps after "
              f"{report['settings']['warmup']} warm-up"
-             f"{'; gradient checkpointing' if report['settings'].get('gradient_checkpointing') else ''}. "
+             f"{'; gradient checkpointing' if report['settings'].get('gradient_checkpointing') else ''}"
+             f"{_concurrent(report['settings'].get('concurrent', 1))}. "
              f"Command: `{report['command']}`, {report['wall_seconds']} s.",
              "", "| loop | base | batches | unquantized modules | real tokens/s | s/step (median, max) | "
              "model TFLOP/s | MFU | peak GPU memory (GiB) | round |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -276,6 +295,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "Ratios (same base and batches" + (f"; medians of real tokens/s over {rounds} rounds, every other "
               "one in reverse order" if rounds > 1 else "") + "): " + "; ".join(report["ratios"]) + ".", ""]
     return "\n".join(lines)
+
+
+def _concurrent(n: int) -> str:
+    return (f"; {n} copies of each configuration at once, started together (tokens/s, MFU and peak memory: all "
+            "copies together)") if n > 1 else ""
 
 
 def _pct(x: float | None) -> str:
@@ -324,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                     "it is stopped and recorded as failed (default: no limit).")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="Both loops recompute activations in the "
                     "backward pass (trial.model.gradient_checkpointing).")
+    ap.add_argument("--concurrent", type=int, default=1, help="Run this many copies of each configuration at once, "
+                    "as that many trials sharing one device would (resources.gpus_per_worker 1/N), started together; "
+                    "tokens/s and MFU are then all copies' together, peak memory their sum.")
     ap.add_argument("--rounds", type=int, default=1, help="Run the grid this many times, every other round in "
                     "reverse order, so that each loop of a pair runs both first and second (a cold kernel cache or "
                     "a device warming up then counts against both); the ratios compare medians over the rounds.")
@@ -331,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, not {args.rounds}")
+    if args.concurrent < 1:
+        ap.error(f"--concurrent must be at least 1, not {args.concurrent}")
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return 0
@@ -353,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {**machine(), "device": torch.cuda.get_device_name(0) if on_gpu else "CPU"},
             "shape": args.shape, "layers": cfg["num_hidden_layers"], "model": _rel(model), "settings": {
                 k: getattr(args, k) for k in ("steps", "warmup", "batch", "max_length", "r", "peak_tflops", "rounds",
-                                              "gradient_checkpointing")},
+                                              "gradient_checkpointing", "concurrent")},
             "mean_length": _mean(example_lengths(str(model), args.max_length))}
     runs: list[dict[str, Any]] = []
 
@@ -371,21 +400,14 @@ def main(argv: list[str] | None = None) -> int:
                 "gradient_checkpointing": args.gradient_checkpointing}
         print(f"[{time.strftime('%H:%M:%S')}] {loop} loop, {quant}, {padding}"
               + (f", round {round_}/{args.rounds}" if args.rounds > 1 else "") + " ...", flush=True)
-        try:
-            proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--one", json.dumps(spec)], cwd=ROOT,
-                                  capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                  timeout=args.config_timeout)
-        except subprocess.TimeoutExpired as e:
-            proc = subprocess.CompletedProcess(e.cmd, -9, _text(e.stdout),
-                                               _text(e.stderr) + f"\ntimed out after {args.config_timeout} s")
-        found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not found:
-            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+        results, error = run_copies(spec, args.concurrent, args.config_timeout)
+        if error is not None:
+            lines = error.strip().splitlines() or ["no output"]
             runs.append({"loop": loop, "quant": quant, "padding": padding, "round": round_, "error": lines[-1]})
             print(f"  failed: {lines[-1]}", flush=True)
             print("\n".join(lines[-15:]), file=sys.stderr, flush=True)
         else:
-            r = {**json.loads(found[-1]), "round": round_}
+            r = {**combine(results), "round": round_}
             runs.append(r)
             print(f"  {r['tokens_per_s']} tokens/s, {r['step_seconds']} s/step"
                   + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""), flush=True)
@@ -395,16 +417,76 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all("error" not in r for r in runs) else 1
 
 
+def run_copies(spec: dict[str, Any], copies: int, timeout: float | None) -> tuple[list[dict[str, Any]], str | None]:
+    """Run `copies` processes of one configuration at once (each `--one`), started together at training's start;
+    their results, or the output of the first that failed (the others are stopped then: they would wait for it)."""
+    import tempfile
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if copies > 1:  # the machine's CPUs shared out, as Ray gives each trial its own (OMP_NUM_THREADS)
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // copies))
+    with tempfile.TemporaryDirectory(prefix="qlora-throughput-") as tmp:
+        procs, logs = [], []
+        for i in range(copies):
+            one = {**spec, "barrier": {"dir": f"{tmp}/barrier", "copies": copies, "copy": i}} if copies > 1 else spec
+            logs.append((Path(tmp) / f"out-{i}", Path(tmp) / f"err-{i}"))
+            with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:
+                procs.append(subprocess.Popen([sys.executable, "-m", "bench.throughput", "--one", json.dumps(one)],
+                                              cwd=ROOT, stdout=out, stderr=err, text=True, env=env))
+        deadline = None if timeout is None else time.time() + timeout
+        failed, timed_out = None, False
+        while any(proc.poll() is None for proc in procs):
+            failed = next((i for i, proc in enumerate(procs) if proc.returncode not in (None, 0)), None)
+            timed_out = deadline is not None and time.time() > deadline
+            if failed is not None or timed_out:
+                for proc in procs:
+                    proc.kill()
+                    proc.wait()
+                break
+            time.sleep(0.1)
+        outputs = [(out.read_text(), err.read_text()) for out, err in logs]
+    results, error = [], None
+    for i, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+        found = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
+        if found and proc.returncode == 0:
+            results.append(json.loads(found[-1]))
+        elif error is None and (failed is None or i == failed):
+            error = (err or out) + (f"\ntimed out after {timeout} s" if timed_out else "")
+    return results, error if len(results) < copies else None
+
+
+def combine(copies: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's figures from its copies run at once: all their timed tokens over the span from the first
+    copy's timed start to the last one's end (a lower bound where the windows do not quite coincide), per-step times
+    pooled, peak memory summed (the copies share the device)."""
+    if len(copies) == 1:
+        return {**copies[0], "concurrent": 1}
+    first = copies[0]
+    seconds = max(c["window"][1] for c in copies) - min(c["window"][0] for c in copies)
+    tokens = sum(c["tokens"] for c in copies)
+    tps = tokens / seconds if seconds > 0 else None
+    flops = first["flops_per_token"]["total"]
+    steps = [x for c in copies for x in c["step_times"]]
+    memory = [c["peak_memory_gib"] for c in copies]
+    return {**{k: first[k] for k in ("loop", "quant", "padding", "device", "timed_steps", "flops_per_token",
+                                      "peak_tflops", "unquantized_dtype", "gradient_checkpointing", "threads")},
+            "concurrent": len(copies), "seconds": round(seconds, 3), "tokens": tokens,
+            "tokens_per_s": tps and round(tps, 1),
+            "step_seconds": round(statistics.mean(c["step_seconds"] for c in copies), 4),
+            "median_step_seconds": round(statistics.median(steps), 4) if steps else None,
+            "max_step_seconds": max(steps, default=None),
+            "model_tflops_per_s": tps and round(tps * flops / 1e12, 3),
+            "mfu": round(tps * flops / (first["peak_tflops"] * 1e12), 4) if tps and first["peak_tflops"] else None,
+            "peak_memory_gib": None if None in memory else round(sum(memory), 2),
+            "copies": copies}
+
+
 def _rel(path: Path) -> str:
     """`path` relative to the repository where it lies inside it: no machine's paths in a report."""
     try:
         return str(path.resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
-
-
-def _text(x: bytes | str | None) -> str:
-    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
 
 
 def _mean(xs: list[int]) -> float:

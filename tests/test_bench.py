@@ -334,6 +334,45 @@ def test_throughput_gradient_checkpointing_reaches_both_loops(tmp_path):
     assert "; gradient checkpointing." in (out / "throughput.md").read_text()
 
 
+def test_throughput_concurrent_copies_start_together_share_the_cpus_and_add_up(tmp_path):
+    import os
+
+    from bench.throughput import main
+
+    out = tmp_path / "out"
+    rc = main(["--shape", "tiny", "--only", "search:4bit:free", "--concurrent", "2", "--steps", "2", "--warmup", "0",
+               "--batch", "4", "--out", str(out), "--model-cache", str(tmp_path / "models")])
+    assert rc == 0
+    (run,) = json.loads((out / "throughput.json").read_text())["runs"]
+    a, b = run["copies"]
+    assert run["concurrent"] == 2 and a["timed_steps"] == b["timed_steps"] == 2
+    # each copy trains on its share of the CPUs, and both start training together (the barrier)
+    assert a["threads"] == b["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert abs(a["window"][0] - b["window"][0]) < 1.0
+    # all their tokens over the span from the first start to the last end
+    span = max(a["window"][1], b["window"][1]) - min(a["window"][0], b["window"][0])
+    assert run["tokens"] == a["tokens"] + b["tokens"] and run["seconds"] == pytest.approx(span, abs=2e-3)
+    assert run["tokens_per_s"] == pytest.approx(run["tokens"] / span, rel=1e-3)
+    assert sorted(a["step_times"] + b["step_times"])[-1] == run["max_step_seconds"]
+    assert "2 copies of each configuration at once" in (out / "throughput.md").read_text()
+
+
+def test_a_copy_waits_at_the_start_until_every_copy_is_ready(tmp_path):
+    import threading
+
+    from bench.throughput import wait_for_copies
+
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (wait_for_copies(tmp_path, 2, 0), done.set()))
+    waiter.start()
+    assert not done.wait(0.5)  # copy 1 is not ready yet
+    wait_for_copies(tmp_path, 2, 1)
+    assert done.wait(5)
+    waiter.join()
+    with pytest.raises(TimeoutError, match="only 2 of 3 copies"):
+        wait_for_copies(tmp_path, 3, 0, timeout=0.2)
+
+
 def test_throughput_rounds_alternate_the_order_and_ratios_compare_medians(tmp_path):
     from bench.throughput import main, ratios
 
