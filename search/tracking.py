@@ -26,7 +26,7 @@ SEARCH_TAG = "qlora.search"
 ADAPTER_ARTIFACT = "adapter"
 # files of a trial checkpoint that make up the adapter as users load it (optimizer state stays out of MLflow)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja", "special_tokens_map.json", "trial_settings.json", "metrics.json")
+                 "chat_template.jinja", "special_tokens_map.json", "trial_settings.json", "metrics.json", "dtypes.json")
 
 
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)

@@ -63,7 +63,7 @@ def test_mlflow_holds_one_parent_and_a_child_per_trial(finished_search):
         files = {a.path for a in c.list_artifacts(child.info.run_id, "adapter")}
         # a sqlite store keeps its artifacts beside its file, not in the working directory's ./mlruns
         assert child.info.artifact_uri.startswith((work / "mlruns").as_uri() + "/")
-        assert "adapter/adapter_model.safetensors" in files and "adapter/tokenizer.json" in files
+        assert {"adapter/adapter_model.safetensors", "adapter/tokenizer.json", "adapter/dtypes.json"} <= files
         assert child.info.status == "FINISHED"
     champion = c.get_model_version_by_alias("qlora-search-e2e", "champion")
     assert champion.run_id == summary["best"]["mlflow_run_id"]

@@ -285,3 +285,46 @@ def test_unquantized_modules_load_in_the_chosen_dtype_and_train(fast_settings, m
     assert unquantized_load_dtype(m) == torch.bfloat16
     assert unquantized_load_dtype(m.model_copy(update={"unquantized_dtype": "float32"})) == torch.float32
     assert unquantized_load_dtype(m.model_copy(update={"quantization": "none", "dtype": "float32"})) == torch.float32
+
+
+def test_an_adapter_loaded_where_its_auto_dtypes_resolve_differently_warns_how_to_load_it_as_trained(
+        fast_settings, tmp_path, monkeypatch, caplog):
+    """A checkpoint records what its `auto` dtypes resolved to where it trained; loaded on a device where they resolve
+    otherwise (trained on a GPU in bf16, loaded on a CPU in fp32), it warns, naming the settings that load it as it
+    trained, and those settings do."""
+    import logging
+
+    from trainables.sft import save_adapter
+    from trainables.tasks import load_for_inference
+
+    s = fast_settings
+    tok = load_tokenizer(s.model)
+    model = load_peft_model(s.model, s.lora, tok)
+    here = tmp_path / "here"
+    save_adapter(model, tok, s, here)
+    with caplog.at_level(logging.WARNING, logger="trainables.tasks"):
+        load_for_inference(here)
+    assert not [r for r in caplog.records if "trained with" in r.getMessage()]
+
+    gpu = tmp_path / "gpu"
+    with monkeypatch.context() as mp:  # trained where a GPU resolves auto (mocked: none exists here)
+        mp.setattr(torch.cuda, "is_available", lambda: True)
+        mp.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        save_adapter(model, tok, s, gpu)
+    assert json.loads((gpu / "dtypes.json").read_text()) == {"compute": "bfloat16", "unquantized": "bfloat16"}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainables.tasks"):
+        load_for_inference(gpu)
+    (msg,) = [r.getMessage() for r in caplog.records if "trained with" in r.getMessage()]
+    assert str(gpu) in msg and "unquantized modules in bfloat16" in msg and "float32" in msg
+    assert '"dtype": "bfloat16" and "unquantized_dtype": "compute"' in msg
+
+    # following the advice loads it as it trained: no warning, unquantized modules in bf16
+    settings = json.loads((gpu / "trial_settings.json").read_text())
+    settings["model"].update(dtype="bfloat16", unquantized_dtype="compute")
+    (gpu / "trial_settings.json").write_text(json.dumps(settings))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainables.tasks"):
+        _, _, loaded = load_for_inference(gpu)
+    assert not [r for r in caplog.records if "trained with" in r.getMessage()]
+    assert loaded.get_input_embeddings().weight.dtype == torch.bfloat16

@@ -47,6 +47,13 @@ def unquantized_load_dtype(m: ModelSettings):
     return torch_dtype(m.dtype)
 
 
+def resolved_dtypes(m: ModelSettings) -> dict[str, str]:
+    """What `model.dtype` and `model.unquantized_dtype` resolve to on this device: the compute dtype and the load
+    dtype of the modules 4-bit leaves unquantized (the model's dtype without 4-bit)."""
+    return {"compute": str(torch_dtype(m.dtype)).removeprefix("torch."),
+            "unquantized": str(unquantized_load_dtype(m)).removeprefix("torch.")}
+
+
 def bnb_config(m: ModelSettings):
     """nf4 + double quant with bf16 (or fp32) compute, or None when quantization is off."""
     if m.quantization == "none":

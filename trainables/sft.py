@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainables import metrics as M
-from trainables.model import load_peft_model, load_tokenizer, torch_dtype
+from trainables.model import load_peft_model, load_tokenizer, resolved_dtypes, torch_dtype
 from trainables.settings import TrialSettings
-from trainables.tasks import build_task
+from trainables.tasks import DTYPES_FILE, build_task
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,8 @@ def save_adapter(model, tokenizer, settings: TrialSettings, out_dir: str | Path,
     model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
     (out / "trial_settings.json").write_text(settings.model_dump_json(indent=2))
+    # `auto` settings resolve per device: what they were here, for a load elsewhere to compare (tasks.DTYPES_FILE)
+    (out / DTYPES_FILE).write_text(json.dumps(resolved_dtypes(settings.model), indent=2))
     if metrics is not None:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 

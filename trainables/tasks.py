@@ -13,11 +13,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from trainables import metrics as M
 from trainables.settings import TrialSettings
+
+log = logging.getLogger(__name__)
+
+DTYPES_FILE = "dtypes.json"  # in a checkpoint: what the trial's `auto` dtypes resolved to where it trained
 
 Evaluator = Callable[[], dict[str, float]]
 
@@ -140,9 +145,33 @@ def load_for_inference(adapter_dir: str | Path) -> tuple[TrialSettings, Any, Any
 
     adapter_dir = Path(adapter_dir)
     settings = TrialSettings.model_validate(json.loads((adapter_dir / "trial_settings.json").read_text()))
+    warn_if_dtypes_differ(adapter_dir, settings)
     tok = load_tokenizer(settings.model.model_copy(update={"name_or_path": str(adapter_dir)}))
     model = load_adapter_model(settings.model, adapter_dir, tok)
     return settings, tok, model
+
+
+def warn_if_dtypes_differ(adapter_dir: Path, settings: TrialSettings) -> dict[str, str] | None:
+    """Warn when this device resolves the adapter's `auto` dtypes differently from the device it trained on (bf16 on
+    a GPU, fp32 on a CPU without native bf16): its metrics then differ slightly from those it reported in training.
+    Returns the dtypes it trained with when they differ."""
+    from trainables.model import resolved_dtypes
+
+    path = adapter_dir / DTYPES_FILE
+    if not path.exists():  # saved before the file existed
+        return None
+    trained, here = json.loads(path.read_text()), resolved_dtypes(settings.model)
+    if trained == here:
+        return None
+    fix = [f'"dtype": "{trained["compute"]}"']
+    if settings.model.quantization == "4bit":
+        fix.append(f'"unquantized_dtype": "{"float32" if trained["unquantized"] == "float32" else "compute"}"')
+    log.warning("%s trained with compute dtype %s and unquantized modules in %s, but on this device they load in %s "
+                "and %s (the `auto` settings pick per device), so its metrics can differ slightly from those it "
+                "reported in training. To load it as it trained, set %s under \"model\" in %s.",
+                adapter_dir, trained["compute"], trained["unquantized"], here["compute"], here["unquantized"],
+                " and ".join(fix), adapter_dir / "trial_settings.json")
+    return trained
 
 
 def test_metrics(adapter_dir: str | Path) -> dict[str, float]:
