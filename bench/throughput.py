@@ -183,23 +183,31 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     flops = model_flops_per_token(cfg, lora_params, example_lengths(spec["model"], spec["max_length"]))
     device = torch.cuda.get_device_name(0) if on_gpu else "cpu"
     peak = peak_tflops(device if on_gpu else None, spec.get("peak_tflops"))
-    tps = tokens / seconds if seconds > 0 else None
     # each timed step's own time: a mean pulled up by a few long steps (a kernel compiled mid-run, say) shows as a
     # median below it
     step_times = [round(b[0] - a[0], 4) for a, b in zip(marks, marks[1:])]
     return {**{k: spec[k] for k in ("loop", "quant", "padding")}, "device": device, "timed_steps": len(marks) - 1,
             "window": [round(marks[0][0], 4), round(marks[-1][0], 4)], "threads": torch.get_num_threads(),
-            "seconds": round(seconds, 3), "tokens": int(tokens), "tokens_per_s": tps and round(tps, 1),
-            "step_seconds": round(seconds / max(1, len(marks) - 1), 4),
-            "median_step_seconds": round(statistics.median(step_times), 4) if step_times else None,
-            "max_step_seconds": max(step_times, default=None), "step_times": step_times,
-            "model_tflops_per_s": tps and round(tps * flops["total"] / 1e12, 3),
-            "mfu": round(tps * flops["total"] / (peak * 1e12), 4) if tps and peak else None,
+            **rates(int(tokens), seconds, flops["total"], peak),
+            "step_seconds": round(seconds / max(1, len(marks) - 1), 4), **spread(step_times), "step_times": step_times,
             "flops_per_token": flops, "peak_tflops": peak,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
             "unquantized_dtype": state.get("unquantized_dtype"),
             "gradient_checkpointing": state.get("gradient_checkpointing"), "losses": state["losses"],
             "wall_seconds": round(time.time() - t0, 1)}
+
+
+def rates(tokens: int, seconds: float, flops_per_token: float, peak: float | None) -> dict[str, Any]:
+    """Real tokens/s over a timed window, and the model TFLOP/s and MFU (against `peak` TFLOP/s) they make."""
+    tps = tokens / seconds if seconds > 0 else None
+    return {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": tps and round(tps, 1),
+            "model_tflops_per_s": tps and round(tps * flops_per_token / 1e12, 3),
+            "mfu": round(tps * flops_per_token / (peak * 1e12), 4) if tps and peak else None}
+
+
+def spread(step_times: list[float]) -> dict[str, float | None]:
+    return {"median_step_seconds": round(statistics.median(step_times), 4) if step_times else None,
+            "max_step_seconds": max(step_times, default=None)}
 
 
 def example_lengths(model: str, max_length: int) -> list[int]:
@@ -463,22 +471,14 @@ def combine(copies: list[dict[str, Any]]) -> dict[str, Any]:
         return {**copies[0], "concurrent": 1}
     first = copies[0]
     seconds = max(c["window"][1] for c in copies) - min(c["window"][0] for c in copies)
-    tokens = sum(c["tokens"] for c in copies)
-    tps = tokens / seconds if seconds > 0 else None
-    flops = first["flops_per_token"]["total"]
-    steps = [x for c in copies for x in c["step_times"]]
     memory = [c["peak_memory_gib"] for c in copies]
     return {**{k: first[k] for k in ("loop", "quant", "padding", "device", "timed_steps", "flops_per_token",
                                       "peak_tflops", "unquantized_dtype", "gradient_checkpointing", "threads")},
-            "concurrent": len(copies), "seconds": round(seconds, 3), "tokens": tokens,
-            "tokens_per_s": tps and round(tps, 1),
+            "concurrent": len(copies),
+            **rates(sum(c["tokens"] for c in copies), seconds, first["flops_per_token"]["total"], first["peak_tflops"]),
             "step_seconds": round(statistics.mean(c["step_seconds"] for c in copies), 4),
-            "median_step_seconds": round(statistics.median(steps), 4) if steps else None,
-            "max_step_seconds": max(steps, default=None),
-            "model_tflops_per_s": tps and round(tps * flops / 1e12, 3),
-            "mfu": round(tps * flops / (first["peak_tflops"] * 1e12), 4) if tps and first["peak_tflops"] else None,
-            "peak_memory_gib": None if None in memory else round(sum(memory), 2),
-            "copies": copies}
+            **spread([x for c in copies for x in c["step_times"]]),
+            "peak_memory_gib": None if None in memory else round(sum(memory), 2), "copies": copies}
 
 
 def _rel(path: Path) -> str:
