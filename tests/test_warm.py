@@ -177,3 +177,43 @@ def test_a_killed_warm_host_fails_the_attempt_and_train_retries_in_a_new_one(fas
     assert result.metrics["step"] == 24
     assert result.metrics["warm_host_pid"] != killed[0]
     assert result.metrics["warm_host_trials_before"] == 0  # a new host
+
+
+@pytest.fixture
+def local_ray_one_gpu():
+    """A local Ray told this machine has one GPU. None exists here: Ray only accounts for it and sets the
+    CUDA_VISIBLE_DEVICES of the workers it gives a share to; training itself runs on the CPU."""
+    import ray
+
+    from search.driver import start_local_ray
+
+    start_local_ray(2, num_gpus=1)
+    yield ray
+    ray.shutdown()
+
+
+def test_trials_sharing_one_gpu_train_at_once_in_separate_warm_hosts(fast_settings, local_ray_one_gpu, tmp_path):
+    """resources.gpus_per_worker 0.5: two trials hold half of GPU 0 each, at the same time. They get that GPU's
+    hosts in two slots, never one host for both."""
+    from ray import tune
+
+    from trainables.ray_trainable import TRIAL_RESOURCES, TrialResources, run_trial
+
+    ray = local_ray_one_gpu
+    base = fast_settings.with_values({"optim.max_steps": 40, "eval.every_steps": 20}).model_dump()
+    resources = TrialResources(cpus_per_worker=1, gpus_per_worker=0.5)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, resources=resources, storage_path=str(tmp_path / "train")),
+        TRIAL_RESOURCES)
+    results = tune.Tuner(
+        trainable, param_space={"seed": tune.grid_search([1, 2])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0),
+    ).fit()
+    assert not results.errors
+    frames = [r.metrics_dataframe for r in results]
+    assert all(list(f["step"]) == [20, 40] for f in frames)
+    assert len({int(f["warm_host_pid"].iloc[0]) for f in frames}) == 2
+    hosts = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith("qlora-warm-"))
+    assert [name.rsplit("-", 2)[1:] for name in hosts] == [["0", "0"], ["0", "1"]]  # GPU "0", slots 0 and 1
