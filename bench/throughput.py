@@ -180,7 +180,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = marks[-1][0] - marks[0][0]
     tokens = marks[-1][1] - marks[0][1]
     cfg = json.loads((Path(spec["model"]) / "config.json").read_text())
-    flops = model_flops_per_token(cfg, lora_params, example_lengths(spec["model"], spec["max_length"]))
+    flops = model_flops_per_token(cfg, lora_params, spec["lengths"])
     device = torch.cuda.get_device_name(0) if on_gpu else "cpu"
     peak = peak_tflops(device if on_gpu else None, spec.get("peak_tflops"))
     # each timed step's own time: a mean pulled up by a few long steps (a kernel compiled mid-run, say) shows as a
@@ -385,13 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     grid = [tuple(x.split(":")) for x in args.only] if args.only else GRID
     order = [(i + 1, c) for i in range(args.rounds) for c in (grid if i % 2 == 0 else grid[::-1])]
     cfg = json.loads((model / "config.json").read_text())
+    lengths = example_lengths(str(model), args.max_length)  # once: every configuration's FLOPs per token need them
     head = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
             "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": {**machine(), "device": torch.cuda.get_device_name(0) if on_gpu else "CPU"},
             "shape": args.shape, "layers": cfg["num_hidden_layers"], "model": _rel(model), "settings": {
                 k: getattr(args, k) for k in ("steps", "warmup", "batch", "max_length", "r", "peak_tflops", "rounds",
                                               "gradient_checkpointing", "concurrent")},
-            "mean_length": _mean(example_lengths(str(model), args.max_length))}
+            "mean_length": _mean(lengths)}
     runs: list[dict[str, Any]] = []
 
     def write() -> dict[str, Any]:  # after every configuration: a run cut short keeps the ones it finished
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"model": str(model), "loop": loop, "quant": quant, "padding": padding, "steps": args.steps,
                 "warmup": args.warmup, "batch": args.batch, "max_length": args.max_length, "r": args.r,
                 "peak_tflops": args.peak_tflops,
-                "gradient_checkpointing": args.gradient_checkpointing}
+                "gradient_checkpointing": args.gradient_checkpointing, "lengths": lengths}
         print(f"[{time.strftime('%H:%M:%S')}] {loop} loop, {quant}, {padding}"
               + (f", round {round_}/{args.rounds}" if args.rounds > 1 else "") + " ...", flush=True)
         results, error = run_copies(spec, args.concurrent, args.config_timeout)

@@ -151,18 +151,17 @@ def load_for_inference(adapter_dir: str | Path) -> tuple[TrialSettings, Any, Any
     return settings, tok, model
 
 
-def warn_if_dtypes_differ(adapter_dir: Path, settings: TrialSettings) -> dict[str, str] | None:
+def warn_if_dtypes_differ(adapter_dir: Path, settings: TrialSettings) -> None:
     """Warn when this device resolves the adapter's `auto` dtypes differently from the device it trained on (bf16 on
-    a GPU, fp32 on a CPU without native bf16): its metrics then differ slightly from those it reported in training.
-    Returns the dtypes it trained with when they differ."""
+    a GPU, fp32 on a CPU without native bf16): its metrics then differ slightly from those it reported in training."""
     from trainables.model import resolved_dtypes
 
     path = adapter_dir / DTYPES_FILE
     if not path.exists():  # saved before the file existed
-        return None
+        return
     trained, here = json.loads(path.read_text()), resolved_dtypes(settings.model)
     if trained == here:
-        return None
+        return
     fix = [f'"dtype": "{trained["compute"]}"']
     if settings.model.quantization == "4bit":
         fix.append(f'"unquantized_dtype": "{"float32" if trained["unquantized"] == "float32" else "compute"}"')
@@ -171,7 +170,6 @@ def warn_if_dtypes_differ(adapter_dir: Path, settings: TrialSettings) -> dict[st
                 "reported in training. To load it as it trained, set %s under \"model\" in %s.",
                 adapter_dir, trained["compute"], trained["unquantized"], here["compute"], here["unquantized"],
                 " and ".join(fix), adapter_dir / "trial_settings.json")
-    return trained
 
 
 def test_metrics(adapter_dir: str | Path) -> dict[str, float]:
