@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks bench/README.md leaves open, in one run: about 9 minutes on an NVIDIA H200 (the whole Qwen3-0.6B
+# The GPU checks of bench/README.md's third H200 run, in one run: 383 s on an NVIDIA H200 (the whole Qwen3-0.6B
 # shape). Each step writes its own report as it goes, so a run cut short keeps the steps it finished.
 #
 #   bash bench/gpu_check.sh OUT_DIR
