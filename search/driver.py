@@ -83,9 +83,11 @@ def _start_ray(cfg: ExperimentConfig, plan: dict, verbose: bool) -> None:
                         log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
 
 
-def start_local_ray(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None = None, **init_kwargs) -> None:
+def start_local_ray(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None = None,
+                    runtime_env: dict[str, Any] | None = None, **init_kwargs) -> None:
     """`ray.init` a local Ray on this machine, with its dashboard on a port of its own (`env`: the workers'
-    environment variables, given the dashboard's address too).
+    environment variables, given the dashboard's address too; `runtime_env`: the job's other runtime-environment
+    fields).
 
     The dashboard must run: Ray Train's placement-group cleaner asks the state API (served by the dashboard) whether
     a trial's Train controller is dead before it frees the trial's workers' resources. Without it, every trial that
@@ -100,7 +102,7 @@ def start_local_ray(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None
     env = dict(env or {})
     env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, runtime_env={"env_vars": env}, **init_kwargs)
+             dashboard_port=port, runtime_env={**(runtime_env or {}), "env_vars": env}, **init_kwargs)
 
 
 def _free_port() -> int:
@@ -209,6 +211,8 @@ def collect_trials(results, cfg: ExperimentConfig, interrupted: dict[str, tuple[
     `interrupted`: after a stop, Tune's trial statuses from just before it ({trial_id: (status, config)}); a trial
     that was RUNNING or PENDING then is INTERRUPTED (resumable), not done.
     `clock`: the MLflow callback, which saw when each trial started and ended and its time in MLflow calls."""
+    from trainables.ray_trainable import error_line
+
     metric = cfg.objective.metric
     trials = []
     tune_trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
@@ -236,7 +240,7 @@ def collect_trials(results, cfg: ExperimentConfig, interrupted: dict[str, tuple[
             "steps": steps,
             "best_step": int(m.get("step", 0) or 0),
             "stopped_early": bool(status == "TERMINATED" and steps < cfg.trial.optim.max_steps),
-            "error": str(r.error).splitlines()[0][:500] if r.error else None,
+            "error": error_line(r.error)[:500] if r.error else None,
             "checkpoint": m.get("checkpoint_path"),
             "note": note,
             "timing": {**{k: last[k] for k in WORKER_TIMING if isinstance(last.get(k), (int, float))},

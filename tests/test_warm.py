@@ -217,3 +217,109 @@ def test_trials_sharing_one_gpu_train_at_once_in_separate_warm_hosts(fast_settin
     hosts = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                    if a["name"].startswith("qlora-warm-"))
     assert [name.rsplit("-", 2)[1:] for name in hosts] == [["0", "0"], ["0", "1"]]  # GPU "0", slots 0 and 1
+
+
+def _gpu_out_of_memory_for_rank_8(record_dir: str):
+    """A Ray `worker_process_setup_hook` for every process of the test's cluster. It stands in for a GPU, which does
+    not exist here: a trial with LoRA rank 8 meets the error torch's CUDA allocator raises when a batch does not fit
+    (`torch.OutOfMemoryError`, its message as a 24 GB GPU words it) at step 9, after its step-6 checkpoint; every time
+    that happens is appended to `attempts`. It also records the GPU share each process is held to (`share-<pid>`);
+    the limit itself is a no-op without CUDA."""
+
+    def hook():
+        import os
+
+        import trainables.model as model
+        import trainables.sft as sft
+
+        limit, train = model.limit_gpu_memory, sft.train
+
+        def limit_gpu_memory(share):
+            with open(f"{record_dir}/share-{os.getpid()}", "a") as f:
+                f.write(f"{share}\n")
+            limit(share)
+
+        def train_on_a_small_gpu(settings, report, **kw):
+            if settings.lora.r == 8:
+                import torch
+                from transformers import TrainerCallback
+
+                class OutOfMemory(TrainerCallback):
+                    def on_step_end(self, args, state, control, **_):
+                        if state.global_step == 9:
+                            with open(f"{record_dir}/attempts", "a") as f:
+                                f.write(f"{os.getpid()}\n")
+                            raise torch.OutOfMemoryError(
+                                "CUDA out of memory. Tried to allocate 2.32 GiB. GPU 0 has a total capacity of 22.07 "
+                                "GiB of which 1.19 GiB is free. Of the allocated memory 18.01 GiB is allocated by "
+                                "PyTorch.")
+
+                kw["callbacks"] = [*(kw.get("callbacks") or []), OutOfMemory()]
+            return train(settings, report, **kw)
+
+        model.limit_gpu_memory, sft.train = limit_gpu_memory, train_on_a_small_gpu
+
+    return hook
+
+
+def test_a_trial_out_of_gpu_memory_fails_at_once_saying_what_to_change_and_others_go_on(fast_settings, tmp_path):
+    """Running out of GPU memory is decided by the trial's settings and GPU share: a retry from its checkpoint runs
+    out again at the same batch. Train would retry it `max_failures` times; the trial fails at its first out-of-memory
+    error instead, with a message naming the settings to change, while the trial beside it trains to the end. Each
+    warm host is held to the trial's share of the GPU. Real local Ray (one GPU declared, none here), real Train runs
+    with retries allowed, the tiny model; the GPU's error is stood in for (`_gpu_out_of_memory_for_rank_8`)."""
+    import ray
+    from ray import tune
+
+    from search.driver import start_local_ray
+    from trainables.ray_trainable import TRIAL_RESOURCES, TrialResources, error_line, run_trial
+
+    record = tmp_path / "record"
+    record.mkdir()
+    start_local_ray(2, num_gpus=1, runtime_env={"worker_process_setup_hook": _gpu_out_of_memory_for_rank_8(
+        str(record))})
+    try:
+        base = fast_settings.with_values({"optim.max_steps": 12, "eval.every_steps": 6}).model_dump()
+        resources = TrialResources(cpus_per_worker=1, gpus_per_worker=0.5)
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=base, resources=resources, storage_path=str(tmp_path / "train"),
+                                 max_failures=2),
+            TRIAL_RESOURCES)
+        results = tune.Tuner(
+            trainable, param_space={"lora.r": tune.grid_search([4, 8])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=2),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0),
+        ).fit()
+    finally:
+        ray.shutdown()
+
+    by_rank = {r.config["lora.r"]: r for r in results}
+    assert by_rank[4].error is None and by_rank[4].metrics["step"] == 12
+    failed = by_rank[8]
+    assert failed.error is not None
+    assert list(failed.metrics_dataframe["step"]) == [6]  # its checkpoint before the error, and nothing after
+    assert len((record / "attempts").read_text().split()) == 1  # not retried, though max_failures is 2
+    assert error_line(failed.error) == (
+        "out of GPU memory (CUDA out of memory. Tried to allocate 2.32 GiB) with trial.optim.batch_size=8, "
+        "trial.data.max_length=96, lora.r=8, trial.model.gradient_checkpointing=false and "
+        "resources.gpus_per_worker=0.5. Not retried: it would run out again at the same batch. Lower "
+        "trial.optim.batch_size or trial.data.max_length, set trial.model.gradient_checkpointing=true, or give each "
+        "trial more of a GPU (a larger resources.gpus_per_worker).")
+    shares = [p.read_text().split() for p in record.glob("share-*")]
+    assert sorted(s for per_process in shares for s in per_process) == ["0.5", "0.5"]  # each trial's host, once
+
+
+def test_a_gpu_share_holds_the_process_to_that_fraction_of_its_gpu(monkeypatch):
+    """`limit_gpu_memory` on a CUDA machine (stood in for: torch.cuda's two calls are replaced, no GPU here)."""
+    import torch
+
+    from trainables.model import limit_gpu_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    limit_gpu_memory(0.25)
+    limit_gpu_memory(2.0)  # a whole GPU or more: no limit (a warm host may have been held to less before)
+    limit_gpu_memory(0.0)  # a CPU trial: nothing
+    assert calls == [(0.25, 1), (1.0, 1)]

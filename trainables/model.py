@@ -94,6 +94,17 @@ def device_map():
     return {"": "cpu"}
 
 
+def limit_gpu_memory(share: float) -> None:
+    """Hold this process to `share` of its GPU's memory (`resources.gpus_per_worker`): Ray schedules fractions of a
+    GPU but does not enforce them, so without a limit a trial that outgrows its share takes memory from the trials
+    beside it, and whichever allocates next runs out. With it, the trial that needs more runs out itself. A share of
+    1 or more lifts the limit (a warm host may have held a smaller share before); no GPU, nothing to do."""
+    import torch
+
+    if share > 0 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(min(share, 1.0), int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def check_model_source(m: ModelSettings) -> None:
     """Fail early on a local model directory that is missing or lacks a tokenizer."""
     p = Path(m.name_or_path).expanduser()

@@ -66,15 +66,24 @@ def train_worker(config: dict[str, Any], on_end=None) -> None:
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
+    gpu_share = float(config.get("gpu_share") or 0.0)
+
     def train(checkpoint_dir: str | None = None) -> None:
-        if warm:
-            from trainables.warm import run_warm
+        try:
+            if warm:
+                from trainables.warm import run_warm
 
-            run_warm(config["settings"], report, checkpoint_dir, timing)
-        else:
-            from trainables.sft import train as sft_train
+                run_warm(config["settings"], report, checkpoint_dir, timing, gpu_share=gpu_share)
+            else:
+                from trainables.model import limit_gpu_memory
+                from trainables.sft import train as sft_train
 
-            sft_train(settings, report, checkpoint_dir=checkpoint_dir, on_end=on_end)
+                limit_gpu_memory(gpu_share)
+                sft_train(settings, report, checkpoint_dir=checkpoint_dir, on_end=on_end)
+        except Exception as e:
+            if out_of_memory(e):  # failed at once by `fail_on_out_of_memory`, not retried
+                raise TrialOutOfMemory(out_of_memory_message(settings, gpu_share, e)) from None
+            raise
 
     resume = ray.train.get_checkpoint()
     if resume is not None:
@@ -88,6 +97,72 @@ def train_worker(config: dict[str, Any], on_end=None) -> None:
             train(checkpoint_dir=d)
     else:
         train()
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial ran out of GPU memory. Its settings and its share of the GPU decide how much it needs, so a retry from
+    its last checkpoint would run out again at the same batch: `fail_on_out_of_memory` fails it at once instead."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's out-of-memory error, also as the cause of a Ray task error (a warm host's)."""
+    import torch
+
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__
+    return False
+
+
+def out_of_memory_message(settings: TrialSettings, gpu_share: float, error: BaseException) -> str:
+    """One line: what ran out, the settings that decide a trial's memory, and what to change."""
+    detail = str(getattr(error, "cause", None) or error).strip().splitlines()
+    detail_text = (detail[0] if detail else "").split(". GPU")[0][:200]  # "CUDA out of memory. Tried to allocate X"
+    max_length = settings.style.max_length if settings.task == "style" else settings.data.max_length
+    length_key = "style" if settings.task == "style" else "data"
+    share = f"resources.gpus_per_worker={gpu_share:g}" if gpu_share else "no GPU share"
+    return (f"out of GPU memory ({detail_text}) with trial.optim.batch_size={settings.optim.batch_size}, "
+            f"trial.{length_key}.max_length={max_length}, lora.r={settings.lora.r}, "
+            f"trial.model.gradient_checkpointing={str(settings.model.gradient_checkpointing).lower()} and {share}. "
+            "Not retried: it would run out again at the same batch. Lower trial.optim.batch_size or "
+            f"trial.{length_key}.max_length, set trial.model.gradient_checkpointing=true, or give each trial more "
+            "of a GPU (a larger resources.gpus_per_worker).")
+
+
+def fail_on_out_of_memory():
+    """A Ray Train callback that fails the run when a worker ran out of GPU memory (`TrialOutOfMemory`), where Train
+    would otherwise retry it `max_failures` times. An error raised by a callback is a controller error, which Train
+    does not retry."""
+    from ray.train import UserCallback
+
+    class FailOnOutOfMemory(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for error in worker_exceptions.values():
+                if isinstance(error, TrialOutOfMemory):
+                    raise error
+
+    return FailOnOutOfMemory()
+
+
+def error_line(error: BaseException | str) -> str:
+    """The line of a trial's error to show: a `TrialOutOfMemory`'s own message, found through the errors Tune and
+    Train wrap it in (Tune's task error, Train's controller error), else the first line."""
+    seen: set[int] = set()
+    e = error
+    while isinstance(e, BaseException) and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, TrialOutOfMemory):
+            return str(e)
+        e = getattr(e, "cause", None) or getattr(e, "controller_failure", None) or e.__cause__
+    lines = str(error).strip().splitlines()
+    for line in lines:  # an error that came back as text (a restored search's)
+        if f"{TrialOutOfMemory.__name__}: " in line:
+            return line.split(f"{TrialOutOfMemory.__name__}: ", 1)[1].strip()
+    return lines[0] if lines else ""
 
 
 def _final_metrics(checkpoint_dir: str, settings: TrialSettings) -> dict[str, Any] | None:
@@ -173,6 +248,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
         train_loop_per_worker=train_worker,
         # when this trial's process started and when it asked Train for workers (see search.driver.WORKER_TIMING)
         train_loop_config={"settings": settings.model_dump(), "warm": resources.warm and resources.num_workers == 1,
+                           "gpu_share": resources.gpus_per_worker,
                            "timing": {"trial_entered_at": round(entered, 3), "fit_at": round(time.time(), 3)}},
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
@@ -183,9 +259,10 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
             # A stable name per trial: a restarted trial finds its Train run and resumes from its last checkpoint.
             name=f"train-{trial_id}",
             storage_path=storage_path,
-            callbacks=[tune_report_callback(storage_path)],
+            callbacks=[tune_report_callback(storage_path), fail_on_out_of_memory()],
             # Bounded retries for workers that die while training and for worker groups that die while starting
-            # (Ray retries the latter forever by default): a trial that keeps failing fails, visibly.
+            # (Ray retries the latter forever by default): a trial that keeps failing fails, visibly. Running out of
+            # GPU memory is not retried (fail_on_out_of_memory).
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=objective[0] if objective else None,

@@ -98,11 +98,14 @@ class WarmHost:
                 return None
             time.sleep(0.2)
 
-    def run(self, pid: int, settings: dict[str, Any], checkpoint_dir: str | None, threads: int) -> dict[str, Any]:
-        """Train one trial for its owner `pid`; reports go out through `next`. Returns `sft.train`'s result."""
+    def run(self, pid: int, settings: dict[str, Any], checkpoint_dir: str | None, threads: int,
+            gpu_share: float = 0.0) -> dict[str, Any]:
+        """Train one trial for its owner `pid`; reports go out through `next`. Returns `sft.train`'s result.
+        `gpu_share`: the worker's fraction of its GPU, which this process is held to (`model.limit_gpu_memory`)."""
         import torch
         from transformers import TrainerCallback
 
+        from trainables.model import limit_gpu_memory
         from trainables.settings import TrialSettings
         from trainables.sft import train
 
@@ -114,6 +117,7 @@ class WarmHost:
         failed = False
         try:
             torch.set_num_threads(threads)
+            limit_gpu_memory(gpu_share)
 
             def report(metrics: dict[str, Any], ckpt_dir: str | None) -> None:
                 handled = threading.Event()
@@ -212,7 +216,8 @@ def host_for(slot: int, node_id: str, accelerator_env: dict[str, str]):
     ).remote(accelerator_env)
 
 
-def run_warm(settings: dict[str, Any], report, checkpoint_dir: str | None, timing: dict[str, Any]) -> None:
+def run_warm(settings: dict[str, Any], report, checkpoint_dir: str | None, timing: dict[str, Any],
+             gpu_share: float = 0.0) -> None:
     """Run one trial's SFT loop in a warm host on this node; `report(metrics, checkpoint_dir)` is called here, in the
     Train worker, for each of its reports. `timing` gets the host's figures before the first report: its pid, the
     trials it ran before, the seconds this worker waited for it, and its import seconds (0 when it was warm)."""
@@ -232,7 +237,7 @@ def run_warm(settings: dict[str, Any], report, checkpoint_dir: str | None, timin
     timing.update(warm_host_pid=got["pid"], warm_host_trials_before=got["trials_before"],
                   warm_host_seconds=round(time.time() - t, 3), warm_host_imports_seconds=got["imports_seconds"],
                   imports_seconds=round(timing.get("imports_seconds", 0.0) + got["imports_seconds"], 3))
-    done = host.run.remote(pid, settings, checkpoint_dir, threads)
+    done = host.run.remote(pid, settings, checkpoint_dir, threads, gpu_share)
     while (item := ray.get(host.next.remote(pid))) is not None:
         report(*item)
     ray.get(done)
