@@ -84,7 +84,8 @@ class ExperimentConfig(_Strict):
     num_trials: int = Field(8, gt=0)
     max_concurrent_trials: int = Field(2, gt=0)
     resources: ResourceSettings = ResourceSettings()
-    max_failures: int = Field(2, ge=0, description="Retries of a trial's Train workers from their last checkpoint.")
+    max_failures: int = Field(2, ge=0, description="Retries of a trial's Train workers from their last checkpoint. "
+                              "Running out of GPU memory is not retried: the trial fails at once, naming what to change.")
     test_evaluation: bool = Field(True, description="Evaluate the best adapter on the held-out test split when the "
                                   "search ends (the whole split: minutes on a CPU). false: skip it, e.g. to compare "
                                   "search strategies by their validation objective alone (bench/run.py).")
