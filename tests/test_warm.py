@@ -1,7 +1,8 @@
 """Warm hosts (trainables/warm.py): later trials on a node train in a process that already imported the stack, a
 trial trained there reports exactly what it reports in a fresh process, a trial Tune stops leaves its host free and
-warm for the next, a failed trial retires its host, a killed host costs one Train retry. Real local Ray, real Train
-V2 runs, the tiny model."""
+warm for the next, a failed trial retires its host, a killed host costs one Train retry; trials sharing a GPU train
+in hosts of their own, each held to its share, and one that runs out of GPU memory fails at once. Real local Ray,
+real Train V2 runs, the tiny model."""
 
 from __future__ import annotations
 
@@ -262,12 +263,15 @@ def _gpu_out_of_memory_for_rank_8(record_dir: str):
     return hook
 
 
-def test_a_trial_out_of_gpu_memory_fails_at_once_saying_what_to_change_and_others_go_on(fast_settings, tmp_path):
+@pytest.mark.parametrize("warm", [True, False], ids=["warm-host", "train-worker"])
+def test_a_trial_out_of_gpu_memory_fails_at_once_saying_what_to_change_and_others_go_on(fast_settings, tmp_path,
+                                                                                         warm):
     """Running out of GPU memory is decided by the trial's settings and GPU share: a retry from its checkpoint runs
     out again at the same batch. Train would retry it `max_failures` times; the trial fails at its first out-of-memory
-    error instead, with a message naming the settings to change, while the trial beside it trains to the end. Each
-    warm host is held to the trial's share of the GPU. Real local Ray (one GPU declared, none here), real Train runs
-    with retries allowed, the tiny model; the GPU's error is stood in for (`_gpu_out_of_memory_for_rank_8`)."""
+    error instead, with a message naming the settings to change, while the trial beside it trains to the end. The
+    process that trains each trial (its warm host, or the Train worker itself) is held to the trial's share of the
+    GPU. Real local Ray (one GPU declared, none here), real Train runs with retries allowed, the tiny model; the GPU's
+    error is stood in for (`_gpu_out_of_memory_for_rank_8`)."""
     import ray
     from ray import tune
 
@@ -280,7 +284,7 @@ def test_a_trial_out_of_gpu_memory_fails_at_once_saying_what_to_change_and_other
         str(record))})
     try:
         base = fast_settings.with_values({"optim.max_steps": 12, "eval.every_steps": 6}).model_dump()
-        resources = TrialResources(cpus_per_worker=1, gpus_per_worker=0.5)
+        resources = TrialResources(cpus_per_worker=1, gpus_per_worker=0.5, warm=warm)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, resources=resources, storage_path=str(tmp_path / "train"),
                                  max_failures=2),
