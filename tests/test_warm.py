@@ -193,24 +193,30 @@ def local_ray_one_gpu():
     ray.shutdown()
 
 
-def test_trials_sharing_one_gpu_train_at_once_in_separate_warm_hosts(fast_settings, local_ray_one_gpu, tmp_path):
-    """resources.gpus_per_worker 0.5: two trials hold half of GPU 0 each, at the same time. They get that GPU's
-    hosts in two slots, never one host for both."""
+def _two_trials_on_halves_of_gpu_0(base: dict, tmp_path, key: str, values: list, warm: bool = True):
+    """Two trials at once through `run_trial` (1 CPU and half of GPU 0 each, Train's default 2 retries), one for each
+    of the two `values` of setting `key`; Tune's ResultGrid."""
     from ray import tune
 
     from trainables.ray_trainable import TRIAL_RESOURCES, TrialResources, run_trial
 
-    ray = local_ray_one_gpu
-    base = fast_settings.with_values({"optim.max_steps": 40, "eval.every_steps": 20}).model_dump()
-    resources = TrialResources(cpus_per_worker=1, gpus_per_worker=0.5)
+    resources = TrialResources(cpus_per_worker=1, gpus_per_worker=0.5, warm=warm)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, resources=resources, storage_path=str(tmp_path / "train")),
         TRIAL_RESOURCES)
-    results = tune.Tuner(
-        trainable, param_space={"seed": tune.grid_search([1, 2])},
+    return tune.Tuner(
+        trainable, param_space={key: tune.grid_search(values)},
         tune_config=tune.TuneConfig(max_concurrent_trials=2),
         run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0),
     ).fit()
+
+
+def test_trials_sharing_one_gpu_train_at_once_in_separate_warm_hosts(fast_settings, local_ray_one_gpu, tmp_path):
+    """resources.gpus_per_worker 0.5: two trials hold half of GPU 0 each, at the same time. They get that GPU's
+    hosts in two slots, never one host for both."""
+    ray = local_ray_one_gpu
+    base = fast_settings.with_values({"optim.max_steps": 40, "eval.every_steps": 20}).model_dump()
+    results = _two_trials_on_halves_of_gpu_0(base, tmp_path, "seed", [1, 2])
     assert not results.errors
     frames = [r.metrics_dataframe for r in results]
     assert all(list(f["step"]) == [20, 40] for f in frames)
@@ -273,10 +279,9 @@ def test_a_trial_out_of_gpu_memory_fails_at_once_saying_what_to_change_and_other
     GPU. Real local Ray (one GPU declared, none here), real Train runs with retries allowed, the tiny model; the GPU's
     error is stood in for (`_gpu_out_of_memory_for_rank_8`)."""
     import ray
-    from ray import tune
 
     from search.driver import start_local_ray
-    from trainables.ray_trainable import TRIAL_RESOURCES, TrialResources, error_line, run_trial
+    from trainables.ray_trainable import error_line
 
     record = tmp_path / "record"
     record.mkdir()
@@ -284,16 +289,7 @@ def test_a_trial_out_of_gpu_memory_fails_at_once_saying_what_to_change_and_other
         str(record))})
     try:
         base = fast_settings.with_values({"optim.max_steps": 12, "eval.every_steps": 6}).model_dump()
-        resources = TrialResources(cpus_per_worker=1, gpus_per_worker=0.5, warm=warm)
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=base, resources=resources, storage_path=str(tmp_path / "train"),
-                                 max_failures=2),
-            TRIAL_RESOURCES)
-        results = tune.Tuner(
-            trainable, param_space={"lora.r": tune.grid_search([4, 8])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=2),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0),
-        ).fit()
+        results = _two_trials_on_halves_of_gpu_0(base, tmp_path, "lora.r", [4, 8], warm=warm)  # max_failures 2
     finally:
         ray.shutdown()
 
