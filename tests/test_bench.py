@@ -411,3 +411,22 @@ def test_throughput_records_a_configuration_past_its_time_limit_as_failed_and_st
     assert report["finished"] is True  # every configuration of the grid was tried
     md = (out / "throughput.md").read_text()
     assert "| search | 4bit | padded | | failed: timed out after 0.5 s | | | | | 1 |" in md
+
+
+def test_a_search_whose_curve_is_not_its_own_trials_is_left_out_of_the_ratio():
+    """The curve comes from Tune's experiment directory, the trials from the search's summary: if they disagree (as
+    one seed's random search did on 2026-12-04, when its curve came out as the other search's), that seed has no
+    ratio and the median is taken over the others."""
+    from bench.run import median_ratio, mismatched_trials
+
+    trials = [{"trial_id": "a"}, {"trial_id": "b"}]
+    assert mismatched_trials({"a": [], "b": []}, trials) is None
+    error = mismatched_trials({"c": [], "d": []}, trials)
+    assert error == ("Tune's experiment directory gave the curves of trials ['c', 'd'], the search's summary lists "
+                     "['a', 'b']")
+    runs = {"tpe_asha": {"best_value": 0.75, "curve": [(70.0, 0.75)], "wall_seconds": 140.0, "curve_error": None},
+            "random_fifo": {"best_value": 0.5, "curve": [], "wall_seconds": 180.0, "curve_error": error}}
+    c = compare(runs, "max")
+    assert c["ratio"] is None and c["excluded"] == error and c["tpe_asha"] is None
+    seeds = [c, {"ratio": 2.0, "bound": None}, {"ratio": 1.0, "bound": None}]
+    assert median_ratio(seeds) == (1.5, None)  # over the two readable seeds
