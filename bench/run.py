@@ -559,7 +559,8 @@ def p2_replay(b: Bench, cost: dict[str, Any], runs: list[dict[str, Any]]) -> dic
     from bench.replay import replay_for
 
     try:
-        return replay_for(b.out, vars(b.args), cost, [r["name"] for r in runs if "random_fifo" in r["name"]])
+        return replay_for(b.out, vars(b.args), cost, [r["name"] for r in runs
+                                                      if "random_fifo" in r["name"] and not r.get("curve_error")])
     except Exception as err:
         _say(f"P2: replay left out ({type(err).__name__}: {err}); `python -m bench.replay {b.out}` retries it")
         return None
