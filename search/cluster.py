@@ -35,8 +35,29 @@ def storage_base(cfg) -> str:
 
 
 def storage_root(cfg) -> str:
-    """Where Tune (`<root>/tune`) and Train (`<root>/train`) write this search's trials: `<storage base>/<name>`."""
+    """Where Tune (`<root>/tune-<name>`, `tune_path`) and Train (`<root>/train`) write this search's trials:
+    `<storage base>/<name>`."""
     return f"{storage_base(cfg)}/{cfg.name}"
+
+
+def tune_name(cfg) -> str:
+    """Tune's experiment name, which names its directory under `storage_root`: unique per search.
+
+    Ray stages a Tune driver's experiment state (trials, searcher, callbacks) in `<Ray session>/artifacts/<the second
+    its storage was set up>/<experiment name>/driver_artifacts` and copies that whole directory to storage. With one
+    name for every search ("tune", until 2026-12-04), two searches that started on one Ray cluster within the same
+    second shared the staging directory, and each copied the other's experiment state into its own storage, where
+    reading or resuming it found the other search's trials (bench/README.md, "P2 with one TPE start-up trial, six
+    seeds")."""
+    return f"tune-{cfg.name}"
+
+
+def tune_path(cfg) -> str:
+    """This search's Tune experiment directory: `<root>/tune-<name>`, or `<root>/tune` for a search started before
+    that name, so that it can still be resumed."""
+    root = storage_root(cfg)
+    current = f"{root}/{tune_name(cfg)}"
+    return f"{root}/tune" if not _exists(current) and _exists(f"{root}/tune") else current
 
 
 def storage_is_shared(cfg) -> bool:
@@ -53,17 +74,20 @@ def tracking_is_local(uri: str) -> bool:
 
 def search_exists(cfg) -> bool:
     """Whether this search's Tune experiment is already in storage (local or a URI)."""
-    root = storage_root(cfg) + "/tune"
-    if not is_uri(root):
-        return Path(root).exists()
+    return _exists(tune_path(cfg))
+
+
+def _exists(where: str) -> bool:
+    if not is_uri(where):
+        return Path(where).exists()
     import pyarrow.fs
 
     try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(root)
+        fs, path = pyarrow.fs.FileSystem.from_uri(where)
         return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
     except Exception as err:  # no credentials, no such bucket, unknown scheme
-        raise SettingsError(f"storage_path: cannot read {root} ({err.__class__.__name__}: {str(err)[:200]}); check "
-                            f"the URI and the machine's credentials (instance role or environment)") from None
+        raise SettingsError(f"storage_path: cannot read {where} ({err.__class__.__name__}: {str(err)[:200]}); "
+                            f"check the URI and the machine's credentials (instance role or environment)") from None
 
 
 def check_storage_path(cfg) -> None:

@@ -138,7 +138,7 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
     from optuna.samplers import RandomSampler, TPESampler
     from ray import tune
 
-    from search.cluster import storage_root
+    from search.cluster import storage_root, tune_name, tune_path
     from search.resilience import ASHA, FIFO, SearchState, TieBreakingOptunaSearch, restored_callbacks
     from trainables.ray_trainable import TRIAL_RESOURCES, TrialResources
 
@@ -153,12 +153,12 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
         TRIAL_RESOURCES,
     )
     # Ray Tune's own status tables only with --verbose: search.progress.ProgressTable prints the compact one.
-    run_config = tune.RunConfig(name="tune", storage_path=root, callbacks=callbacks, verbose=1 if verbose else 0,
-                                failure_config=tune.FailureConfig(max_failures=0))
+    run_config = tune.RunConfig(name=tune_name(cfg), storage_path=root, callbacks=callbacks,
+                                verbose=1 if verbose else 0, failure_config=tune.FailureConfig(max_failures=0))
     if resume:
         # The searcher (Optuna study) and the callbacks' state come back from the experiment directory; unfinished
         # trials restart and their trainable continues from its last checkpoint.
-        tuner = tune.Tuner.restore(f"{root}/tune", trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(tune_path(cfg), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
         restored_callbacks(tuner, callbacks)
         return tuner

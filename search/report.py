@@ -12,7 +12,8 @@ Plots (PNG, in <output_dir>/<name>/report/):
 and trials.csv, one row per trial.
 
 The Optuna plots come from an Optuna study rebuilt from summary.json (params, final value, state) with the space's
-distributions, and from Ray Tune's per-trial results (<name>/tune/*/result.json) for the per-step values and times.
+distributions, and from Ray Tune's per-trial results (<name>/tune-<name>/*/result.json) for the per-step values and
+times.
 """
 
 from __future__ import annotations
@@ -45,19 +46,21 @@ def load_summary(search_dir: Path) -> dict[str, Any]:
 
 
 def tune_dir(search_dir: Path) -> str | None:
-    """Ray Tune's experiment directory of the search: <storage_path or output_dir>/<name>/tune (search/cluster.py);
-    a local path or a URI (s3://...)."""
+    """Ray Tune's experiment directory of the search: <storage_path or output_dir>/<name>/tune-<name>
+    (search/cluster.py; `tune` for a search from before that name); a local path or a URI (s3://...)."""
+    names = ["tune"]
     try:
         from search import cluster
         from search.config import ExperimentConfig
 
         cfg = ExperimentConfig.model_validate(yaml.safe_load((search_dir / "config.yaml").read_text()))
         if cfg.storage_path:
-            return cluster.storage_root(cfg) + "/tune"
+            return cluster.tune_path(cfg)
+        names.insert(0, cluster.tune_name(cfg))
     except Exception:  # no or an older config.yaml: Tune wrote next to summary.json
         pass
-    local = search_dir / "tune"
-    return str(local.resolve()) if local.is_dir() else None  # Ray reads a relative path as a URI
+    local = next((search_dir / n for n in names if (search_dir / n).is_dir()), None)
+    return str(local.resolve()) if local else None  # Ray reads a relative path as a URI
 
 
 def trial_histories(search_dir: Path, metric: str, also: Sequence[str] = ()) -> dict[str, list[dict[str, float]]]:

@@ -279,7 +279,7 @@ def cluster_search(fake_cluster, mlflow_server, tiny_model, sms_subset, tmp_path
 def _trial_results(shared: Path) -> dict[str, list[dict]]:
     """Every result each trial reported, read from the shared storage directory (Tune's result.json files)."""
     out = {}
-    for f in shared.glob("multi/tune/*/result.json"):
+    for f in shared.glob("multi/tune-multi/*/result.json"):
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         out[rows[0]["trial_id"]] = rows
     return out
@@ -302,7 +302,7 @@ def test_trials_ran_on_different_autoscaled_worker_nodes(cluster_search, fake_cl
     # checkpoints were written to the shared directory, not to node-local trial directories
     ckpts = list((work / "shared" / "multi" / "train").glob("train-*/checkpoint_*/adapter_model.safetensors"))
     assert len(ckpts) >= 2
-    assert not (work / "runs" / "multi" / "tune").exists()
+    assert not (work / "runs" / "multi" / "tune-multi").exists()
 
 
 @pytest.mark.slow

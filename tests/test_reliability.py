@@ -235,7 +235,7 @@ def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tiny_model, s
         assert trials[tid]["value"] == pytest.approx(max(history))
     assert midway[0].data.tags["qlora.trial_id"] in by_trial and done[0].data.tags["qlora.trial_id"] in by_trial
 
-    tune_dir = s.runs / "resume" / "tune"
+    tune_dir = s.runs / "resume" / "tune-resume"
     # the searcher came back from the experiment checkpoint: its Optuna study holds every trial with its final value
     state = pickle.loads(sorted(tune_dir.glob("searcher-state-*.pkl"))[-1].read_bytes())
     study = state["_ot_study"]
@@ -413,6 +413,45 @@ def test_second_signal_exits_at_once(tiny_model, sms_subset, tmp_path, searches)
     assert time.time() - t < 10, time.time() - t
     time.sleep(1)
     assert s.ray_processes() == []
+
+
+def test_two_searches_started_together_on_one_ray_cluster_each_keep_their_own_trials(tiny_model, sms_subset,
+                                                                                      tmp_path):
+    """Ray stages a Tune driver's experiment state (its trials, searcher and callbacks) under <Ray session>/artifacts/
+    <the second its storage was set up>/<experiment name> and copies that directory to the search's storage. When
+    every search's experiment was named "tune", two searches that started on one cluster within the same second
+    shared it, and one read the other's trials back from its own storage (bench/README.md). Each search now stages
+    under its own name, and its storage holds exactly its own trials. Real local Ray, two `search.run` processes
+    joining it at once (`ray_address`), the fast stand-in trainable."""
+    import ray
+
+    from search.driver import start_local_ray
+    from search.report import trial_histories
+
+    start_local_ray(2)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+        pair = []
+        for name in ("one", "two"):  # each its own MLflow store: one sqlite file for both would serialize them
+            (tmp_path / name).mkdir()
+            pair.append(Search(tmp_path / name, name, standin_sets(
+                tiny_model, sms_subset, num_trials=3, max_concurrent_trials=1, ray_address=address,
+                **{"trial.optim.max_steps": 20, "trial.eval.every_steps": 10})))
+        for s in pair:
+            s.start()
+        for s in pair:
+            assert s.proc.wait(600) == 0, s.output()[-3000:]
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    for s in pair:
+        summary = s.summary()
+        ids = {t["trial_id"] for t in summary["trials"]}
+        assert len(ids) == 3
+        assert set(trial_histories(s.runs / s.name, summary["objective"]["metric"])) == ids
+        assert (s.runs / s.name / f"tune-{s.name}").is_dir()
+    assert sorted(p.name for p in session.glob("artifacts/*/tune*")) == ["tune-one", "tune-two"]
 
 
 def loopback_check(driver_pid: int) -> dict:
