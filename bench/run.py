@@ -510,8 +510,9 @@ def strategy_result(b: Bench, name: str, seed: int, s: dict[str, Any]) -> dict[s
     hist = trial_histories(b.out / "runs" / name, s["objective"]["metric"])
     trials = s["trials"]
     # The curve must be this search's own: in one 2026-12-04 run (seed 1 of six) the random search's curve came out
-    # as the TPE + ASHA search's, event for event, though its summary and its workers' reports were its own. Until
-    # that is explained, a curve whose trials are not the summary's is left out, and the seed with it.
+    # as the TPE + ASHA search's, event for event, though its summary and its workers' reports were its own (two
+    # searches named their Tune experiments alike and shared Ray's staging directory; fixed in search/cluster.py,
+    # `tune_name`). A curve whose trials are not the summary's is left out, and the seed with it.
     curve_error = mismatched_trials(hist, trials)
     if curve_error:
         _say(f"P2: {name}: {curve_error}; its seed is left out of the ratio")

@@ -415,8 +415,8 @@ def test_throughput_records_a_configuration_past_its_time_limit_as_failed_and_st
 
 def test_a_search_whose_curve_is_not_its_own_trials_is_left_out_of_the_ratio():
     """The curve comes from Tune's experiment directory, the trials from the search's summary: if they disagree (as
-    one seed's random search did on 2026-12-04, when its curve came out as the other search's), that seed has no
-    ratio and the median is taken over the others."""
+    one seed's random search did on 2026-12-04, when its curve came out as the other search's: a Tune staging
+    directory both searches shared, since fixed), that seed has no ratio and the median is taken over the others."""
     from bench.run import median_ratio, mismatched_trials
 
     trials = [{"trial_id": "a"}, {"trial_id": "b"}]
