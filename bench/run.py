@@ -736,7 +736,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{verdict('p1', report['p1']['ratio'])} |")
     if "p2" in report:
         p = report["p2"]
-        lines.append(f"| P2 time to within 1% of best, random no-ES / TPE+ASHA (median of {sum(not c.get('excluded') for c in p['seeds'])} seeds) "
+        counted = sum(not c.get("excluded") for c in p["seeds"])
+        lines.append(f"| P2 time to within 1% of best, random no-ES / TPE+ASHA (median of {counted} seeds) "
                      f"| {_bounded(p['ratio_median'], p.get('ratio_median_bound'))} | "
                      f"{p2_verdict(p['ratio_median'], p.get('ratio_median_bound'))} |")
         lines.append(f"| P3 steps run / steps with no early stopping (TPE+ASHA) | {p['p3']['steps_fraction']} | "

@@ -55,9 +55,13 @@ def tune_name(cfg) -> str:
 def tune_path(cfg) -> str:
     """This search's Tune experiment directory: `<root>/tune-<name>`, or `<root>/tune` for a search started before
     that name, so that it can still be resumed."""
+    current, old = _tune_paths(cfg)
+    return old if not _exists(current) and _exists(old) else current
+
+
+def _tune_paths(cfg) -> tuple[str, str]:
     root = storage_root(cfg)
-    current = f"{root}/{tune_name(cfg)}"
-    return f"{root}/tune" if not _exists(current) and _exists(f"{root}/tune") else current
+    return f"{root}/{tune_name(cfg)}", f"{root}/tune"
 
 
 def storage_is_shared(cfg) -> bool:
@@ -73,8 +77,8 @@ def tracking_is_local(uri: str) -> bool:
 
 
 def search_exists(cfg) -> bool:
-    """Whether this search's Tune experiment is already in storage (local or a URI)."""
-    return _exists(tune_path(cfg))
+    """Whether this search's Tune experiment is already in storage (local or a URI), under either name."""
+    return any(_exists(path) for path in _tune_paths(cfg))
 
 
 def _exists(where: str) -> bool:

@@ -104,26 +104,30 @@ class TrialOutOfMemory(RuntimeError):
     its last checkpoint would run out again at the same batch: `fail_on_out_of_memory` fails it at once instead."""
 
 
-def out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is torch's out-of-memory error, also as the cause of a Ray task error (a warm host's)."""
-    import torch
-
+def _error_chain(error: BaseException):
+    """`error` and what it wraps: a Ray task error's `cause` (a warm host's), a Train controller error's
+    `controller_failure`, `__cause__`."""
     seen: set[int] = set()
     e: BaseException | None = error
-    while e is not None and id(e) not in seen:
+    while isinstance(e, BaseException) and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, torch.OutOfMemoryError):
-            return True
-        e = getattr(e, "cause", None) or e.__cause__
-    return False
+        yield e
+        e = getattr(e, "cause", None) or getattr(e, "controller_failure", None) or e.__cause__
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's out-of-memory error, or wraps one."""
+    import torch
+
+    return any(isinstance(e, torch.OutOfMemoryError) for e in _error_chain(error))
 
 
 def out_of_memory_message(settings: TrialSettings, gpu_share: float, error: BaseException) -> str:
     """One line: what ran out, the settings that decide a trial's memory, and what to change."""
     detail = str(getattr(error, "cause", None) or error).strip().splitlines()
     detail_text = (detail[0] if detail else "").split(". GPU")[0][:200]  # "CUDA out of memory. Tried to allocate X"
-    max_length = settings.style.max_length if settings.task == "style" else settings.data.max_length
     length_key = "style" if settings.task == "style" else "data"
+    max_length = getattr(settings, length_key).max_length
     share = f"resources.gpus_per_worker={gpu_share:g}" if gpu_share else "no GPU share"
     return (f"out of GPU memory ({detail_text}) with trial.optim.batch_size={settings.optim.batch_size}, "
             f"trial.{length_key}.max_length={max_length}, lora.r={settings.lora.r}, "
@@ -151,13 +155,10 @@ def fail_on_out_of_memory():
 def error_line(error: BaseException | str) -> str:
     """The line of a trial's error to show: a `TrialOutOfMemory`'s own message, found through the errors Tune and
     Train wrap it in (Tune's task error, Train's controller error), else the first line."""
-    seen: set[int] = set()
-    e = error
-    while isinstance(e, BaseException) and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, TrialOutOfMemory):
-            return str(e)
-        e = getattr(e, "cause", None) or getattr(e, "controller_failure", None) or e.__cause__
+    if isinstance(error, BaseException):
+        found = next((e for e in _error_chain(error) if isinstance(e, TrialOutOfMemory)), None)
+        if found is not None:
+            return str(found)
     lines = str(error).strip().splitlines()
     for line in lines:  # an error that came back as text (a restored search's)
         if f"{TrialOutOfMemory.__name__}: " in line:
