@@ -22,6 +22,7 @@ staying warm for the next trial.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import os
@@ -64,7 +65,9 @@ class WarmHost:
         os.environ.update(accelerator_env)
         from trainables.sft import import_stack
 
-        import_stack()
+        # All of this process's torch work runs on this one thread (`_on_torch_thread`); see its docstring.
+        self._torch_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-torch")
+        self._on_torch_thread(import_stack)
         self.imports_seconds = round(time.time() - t, 3)
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -77,6 +80,17 @@ class WarmHost:
         self._used_at = time.time()
         if exit_when_unused:
             threading.Thread(target=self._exit_when_unused, daemon=True, name="warm-host-idle").start()
+
+    def _on_torch_thread(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` on the host's one torch thread; its result or error, here.
+
+        Ray runs a threaded actor's calls on a pool of threads, and each thread that runs a parallel torch op gets an
+        OpenMP thread team of its own, which stays while the thread lives. Once the process has more OpenMP
+        threads than CPUs, libgomp stops spin-waiting between parallel regions and puts its threads to sleep
+        instead: on 2 CPUs every op then waits for a wake-up, and training ran 1.3-1.5x slower than in a process
+        whose one thread did all the work (bench/README.md, "Training in the warm host"). So every trial trains on
+        the same thread, the one that imported the stack."""
+        return self._torch_thread.submit(fn, *args, **kwargs).result()
 
     def acquire(self, pid: int, wait_seconds: float = 30.0) -> dict[str, Any] | None:
         """Make the Train worker `pid` this host's owner, if it is free; None if another live worker holds it.
@@ -116,7 +130,6 @@ class WarmHost:
             reports = self._runs[pid]
         failed = False
         try:
-            torch.set_num_threads(threads)
             limit_gpu_memory(gpu_share)
 
             def report(metrics: dict[str, Any], ckpt_dir: str | None) -> None:
@@ -131,8 +144,12 @@ class WarmHost:
                     if not alive(pid):
                         raise OwnerGone(pid)
 
-            return train(TrialSettings.model_validate(settings), report, checkpoint_dir=checkpoint_dir,
-                         callbacks=[OwnerWatch()])
+            def train_here() -> dict[str, Any]:
+                torch.set_num_threads(threads)
+                return train(TrialSettings.model_validate(settings), report, checkpoint_dir=checkpoint_dir,
+                             callbacks=[OwnerWatch()])
+
+            return self._on_torch_thread(train_here)
         except OwnerGone:
             log.info("warm host %d: the trial's Train worker %d is gone; run stopped", os.getpid(), pid)
             return {}
