@@ -140,6 +140,38 @@ def test_host_protocol_acknowledge_owner_gone_and_retire_on_failure(fast_setting
     assert host.acquire(me, wait_seconds=0) is None  # retired: the next trial gets a fresh host
 
 
+def test_a_host_imports_and_trains_every_trial_on_one_thread_whichever_thread_calls_it(fast_settings, monkeypatch):
+    """Ray runs a threaded actor's calls on several threads. Each thread that runs parallel torch ops keeps an OpenMP
+    team of its own, and with more OpenMP threads than CPUs every op waits for a wake-up (training 1.3x slower in the
+    host, bench/README.md): so the host runs all its torch work, the imports and every trial, on one thread."""
+    import trainables.sft as sft
+    from trainables.warm import WarmHost
+
+    imported_on, trained_on, called_from = [], [], []
+    monkeypatch.setattr(sft, "import_stack", lambda: imported_on.append(threading.get_native_id()))
+
+    def record(settings, report, checkpoint_dir=None, callbacks=()):
+        trained_on.append(threading.get_native_id())
+        return {"step": 0}
+
+    monkeypatch.setattr(sft, "train", record)
+    host = WarmHost({}, exit_when_unused=False)
+    me = os.getpid()
+    for _ in range(3):  # each trial's run called from a new thread, as Ray's pool may do
+        assert host.acquire(me) is not None
+
+        def call():
+            called_from.append(threading.get_native_id())
+            host.run(me, fast_settings.model_dump(), None, 1)
+
+        t = threading.Thread(target=call)
+        t.start()
+        t.join(30)
+        assert host.next(me) is None  # the run ended; the host is free for the next trial
+    assert len(trained_on) == 3 and set(trained_on) == set(imported_on)
+    assert not set(called_from) & set(trained_on) and threading.get_native_id() not in trained_on
+
+
 def test_a_killed_warm_host_fails_the_attempt_and_train_retries_in_a_new_one(fast_settings, local_ray, tmp_path):
     """The host process dies mid-trial (OOM killer, kill -9): the Train worker's attempt fails, Ray Train retries it
     (FailureConfig), and the retry gets a new host."""
