@@ -10,8 +10,10 @@ own (`WarmHost`), named per node, accelerator set and slot; it runs one trial at
 used it for `IDLE_SECONDS`, or after a trial that failed in it.
 
 Isolation: trials still run one at a time per process, each with its own seed, tokenizer, model, trainer and data,
-and the host sets the worker's thread count and visible accelerators before each; tests/test_warm.py checks that a
-trial run in a host that already ran another one reports exactly the metrics it reports in a fresh process.
+and the host sets the worker's thread count and visible accelerators before each. All of a host's torch work runs
+on one thread of its own (`WarmHost._on_torch_thread`: a second OpenMP team in the process made training 1.3x
+slower). tests/test_warm.py checks that a trial run in a host that already ran another one reports exactly the
+metrics it reports in a fresh process.
 
 Protocol (the Train worker is the owner; same node): `acquire(pid)`, then `run(pid, ...)` in the background while
 the owner pulls the reports with `next(pid)`. A report carries the checkpoint directory the host wrote; the host
