@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 first.join()
             print(f"round {r + 1} {way} thread(s): {(one if way == 'one' else two)[-1]:.3f} s/step", flush=True)
     result = {"steps": args.steps, "rounds": args.rounds, "torch_threads": args.threads,
-              "cpus": len(__import__("os").sched_getaffinity(0)),
+              "cpus": len(os.sched_getaffinity(0)),
               "one_thread_s_per_step": [round(x, 4) for x in one],
               "two_threads_s_per_step": [round(x, 4) for x in two],
               "ratio_two_to_one": round(statistics.median(two) / statistics.median(one), 3)}

@@ -83,8 +83,8 @@ class WarmHost:
         if exit_when_unused:
             threading.Thread(target=self._exit_when_unused, daemon=True, name="warm-host-idle").start()
 
-    def _on_torch_thread(self, fn, *args, **kwargs):
-        """`fn(*args, **kwargs)` on the host's one torch thread; its result or error, here.
+    def _on_torch_thread(self, fn):
+        """`fn()` on the host's one torch thread; its result or error, here.
 
         Ray runs a threaded actor's calls on a pool of threads, and each thread that runs a parallel torch op gets an
         OpenMP thread team of its own, which stays while the thread lives. Once the process has more OpenMP
@@ -92,7 +92,7 @@ class WarmHost:
         instead: on 2 CPUs every op then waits for a wake-up, and training ran 1.3-1.5x slower than in a process
         whose one thread did all the work (bench/README.md, "Training in the warm host"). So every trial trains on
         the same thread, the one that imported the stack."""
-        return self._torch_thread.submit(fn, *args, **kwargs).result()
+        return self._torch_thread.submit(fn).result()
 
     def acquire(self, pid: int, wait_seconds: float = 30.0) -> dict[str, Any] | None:
         """Make the Train worker `pid` this host's owner, if it is free; None if another live worker holds it.
