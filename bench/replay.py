@@ -124,39 +124,49 @@ def summary(curves: Sequence[Curve], *, metric: str, every: int, steps: int, red
                          "best_missed": round(missed / decided, 3) if decided else None,
                          "no_best": round(undecided / replays, 3),
                          "ratio_median": round(statistics.median(ratios), 3)})
-    return {"curves": len(curves), "curves_above_zero": sum(max(r[metric] for r in c) > 0 for c in curves),
-            "replays": replays, "every": every, "steps": steps, "fixed_seconds": fixed, "work_seconds": work,
-            "rows": rows}
+    return {"tie_break": tie_break, "curves": len(curves),
+            "curves_above_zero": sum(max(r[metric] for r in c) > 0 for c in curves), "replays": replays,
+            "every": every, "steps": steps, "fixed_seconds": fixed, "work_seconds": work, "rows": rows}
 
 
-def from_report(out: Path, replays: int = 200) -> dict[str, Any] | None:
+def from_report(out: Path, replays: int = 200, tie_break: str | None = None) -> dict[str, Any] | None:
     """The replay for a benchmark run directory (its report.json and runs/), or None without recorded curves."""
     report = json.loads((out / "report.json").read_text())
     st, p = report.get("settings") or {}, report.get("p2") or {}
     cost = p.get("trial_cost") or {}
     if not st.get("p2_steps") or not cost.get("fixed_seconds_median") or not cost.get("work_seconds_full_median"):
         return None
-    return replay_for(out, st, cost, [r["name"] for r in p.get("runs", []) if "random_fifo" in r["name"]], replays)
+    return replay_for(out, st, cost, [r["name"] for r in p.get("runs", []) if "random_fifo" in r["name"]], replays,
+                      tie_break)
 
 
 def replay_for(out: Path, settings: dict[str, Any], cost: dict[str, Any], names: Sequence[str],
-               replays: int = 200) -> dict[str, Any] | None:
+               replays: int = 200, tie_break: str | None = None) -> dict[str, Any] | None:
+    """The replay of these random searches' curves, ties at a rung ordered by `tie_break` (default: as the run's
+    TPE + ASHA searches ordered them)."""
+    from bench.run import tie_break as run_tie_break
+
+    key = tie_break or run_tie_break(settings)
     steps, every = settings["p2_steps"], settings["p2_steps"] // settings["p2_evals"]
-    curves = recorded_curves([out / "runs" / n for n in names], "val_f1", "eval_loss", steps)
+    curves = recorded_curves([out / "runs" / n for n in names], "val_f1", key, steps)
     if not curves:
         return None
-    return summary(curves, metric="val_f1", tie_break="eval_loss", every=every, steps=steps,
+    if any(key not in r for c in curves for r in c):
+        print(f"bench.replay: {out}'s curves do not all have {key}; ties are left unordered where it is missing",
+              file=sys.stderr)
+    return summary(curves, metric="val_f1", tie_break=key, every=every, steps=steps,
                    reduction_factor=settings["reduction_factor"], factors=sorted({2.0, 3.0, 4.0,
                                                                                   settings["reduction_factor"]}),
                    fixed=cost["fixed_seconds_median"], work=cost["work_seconds_full_median"], replays=replays)
 
 
 def markdown(r: dict[str, Any], p2_factor: float) -> list[str]:
-    from bench.run import md_table
+    from bench.run import TIE_BREAK_WORDS, md_table
 
     lines = [f"{r['curves']} learning curves recorded by P2's random searches (every trial to the end; "
              f"{r['curves_above_zero']} of them ever scored above 0), replayed through the search's own ASHA "
-             f"(`search.resilience.ASHA`: grace one evaluation of {r['every']} steps, ties at a rung by eval loss) "
+             f"(`search.resilience.ASHA`: grace one evaluation of {r['every']} steps, ties at a rung by "
+             f"{TIE_BREAK_WORDS[r.get('tie_break') or 'eval_loss']}) "
              f"one trial at a time, {r['replays']} random orders per row; budgets above {r['curves']} draw curves "
              f"with replacement. P2 ratio: random without early stopping / random + ASHA, time to within 1% of the "
              f"best either reached, at the measured {r['fixed_seconds']} s fixed cost and {r['work_seconds']} s work "
@@ -177,12 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path, help="A benchmark run's directory (report.json and runs/).")
     ap.add_argument("--replays", type=int, default=200, help="Random orders replayed per budget and reduction "
                     "factor (default 200).")
+    ap.add_argument("--tie-break", choices=("eval_loss", "val_ap"), help="Order ties at a rung by this metric "
+                    "(default: as the run's TPE + ASHA searches did).")
     args = ap.parse_args(argv)
     if not (args.out / "report.json").is_file():
         print(f"bench.replay: {args.out / 'report.json'} not found; give a directory `python -m bench.run` wrote",
               file=sys.stderr)
         return 2
-    r = from_report(args.out, args.replays)
+    r = from_report(args.out, args.replays, args.tie_break)
     if r is None:
         print(f"bench.replay: {args.out} has no P2 random-search curves (runs/ deleted, or P2 not run)",
               file=sys.stderr)

@@ -424,6 +424,13 @@ def p2_space(b: Bench) -> Path:
 
 
 STRATEGIES = (("tpe_asha", True), ("random_fifo", False))
+TIE_BREAK_WORDS = {"eval_loss": "eval loss", "val_ap": "the minority label's average precision (`val_ap`)"}
+
+
+def tie_break(settings: dict[str, Any]) -> str:
+    """What ordered TPE + ASHA's tied trials in a run with these settings (eval loss in runs from before it could
+    be chosen)."""
+    return settings.get("scheduler_tie_break") or "eval_loss"
 
 
 def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
@@ -436,6 +443,9 @@ def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
              "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
     if tpe_asha:
         extra += ["--set", f"scheduler.reduction_factor={b.args.reduction_factor}"]
+        if b.args.tie_break:
+            extra += ["--set", f"scheduler.tie_break={b.args.tie_break}", "--set",
+                      f"searcher.tie_break={b.args.tie_break}"]
         if b.args.p2_startup_trials:
             extra += ["--set", f"searcher.n_startup_trials={b.args.p2_startup_trials}"]
     if b.args.p2_eval_at_rungs:  # both evaluate at the rungs TPE + ASHA's trials evaluate at (scheduler.eval_at_rungs)
@@ -811,8 +821,9 @@ def markdown(report: dict[str, Any]) -> str:
                          else "Optuna's random start-up trials (searcher.n_startup_trials)")
                       + f"; ASHA: grace period {every} steps (one evaluation round), reduction factor "
                       f"{st['reduction_factor']:g} (rungs at steps {', '.join(rungs)}), ties at a rung ordered by "
-                      + ("eval loss, as are the values TPE is told (`searcher.tie_break`)"
-                         if st.get("searcher_tie_break") else "eval loss")
+                      + TIE_BREAK_WORDS[tie_break(st)]
+                      + (", as are the values TPE is told (`searcher.tie_break`)" if st.get("searcher_tie_break")
+                         else "")
                       + ". Random search runs every "
                       f"trial to the end. Same seed, trial budget and concurrency for both"
                       + (", one after the other." if apart else
@@ -925,6 +936,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p2-eval-at-rungs", action="store_true", help="Both P2 strategies evaluate only at ASHA's "
                     "rungs and at the end (scheduler.eval_at_rungs), not every --p2-steps / --p2-evals steps.")
     ap.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor in P2.")
+    ap.add_argument("--tie-break", choices=("eval_loss", "val_ap"), help="What orders TPE + ASHA's trials whose "
+                    "F1 ties, at a rung and for TPE (scheduler.tie_break and searcher.tie_break; default: the "
+                    "search's own).")
     ap.add_argument("--p2-startup-trials", type=int, help="TPE's random start-up trials in P2 (default: the "
                     "search's searcher.n_startup_trials). Random search draws the same first configurations for the "
                     "same seed, so only TPE's later trials can differ.")
@@ -949,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
         "machine": machine(), "versions": versions(),
-        "settings": {**vars(args), "searcher_tie_break": load_config(CONFIG, []).searcher.tie_break},
+        "settings": {**vars(args), "searcher_tie_break": args.tie_break or load_config(CONFIG, []).searcher.tie_break,
+                     "scheduler_tie_break": args.tie_break or load_config(CONFIG, []).scheduler.tie_break},
         "targets": TARGETS,
     }
     b = Bench(out, args)

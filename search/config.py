@@ -27,9 +27,10 @@ class SchedulerSettings(_Strict):
     type: Literal["asha", "none"] = "asha"
     grace_period: int = Field(1, gt=0, description="Evaluation rounds every trial gets before ASHA may stop it.")
     reduction_factor: float = Field(2.0, gt=1)
-    tie_break: Optional[Literal["eval_loss"]] = Field(
-        M.EVAL_LOSS, description="Order trials whose objective ties at a rung by this metric (lower is better), so "
-        "ASHA can stop some of them; null: Ray's ASHA as is, which keeps every trial tied at the rung's cutoff.")
+    tie_break: Optional[Literal["eval_loss", "val_ap"]] = Field(
+        M.EVAL_LOSS, description="Order trials whose objective ties at a rung by this metric (eval_loss: lower is "
+        "better; val_ap, classification only: the minority label's average precision, higher is better), so ASHA "
+        "can stop some of them; null: Ray's ASHA as is, which keeps every trial tied at the rung's cutoff.")
     eval_at_rungs: bool = Field(
         False, description="Evaluate only at ASHA's rungs (grace_period x trial.eval.every_steps x "
         "reduction_factor^k) and at the end, not every trial.eval.every_steps: an early first rung without paying "
@@ -41,10 +42,11 @@ class SearcherSettings(_Strict):
     algorithm: Literal["tpe", "random"] = "tpe"
     seed: int = 0
     n_startup_trials: int = Field(3, ge=1, description="Random trials before TPE starts modelling (Optuna).")
-    tie_break: Optional[Literal["eval_loss"]] = Field(
-        M.EVAL_LOSS, description="Tell TPE each trial's objective with ties ordered by this metric (lower is better; "
-        "a nudge below 1e-6), so that while every trial scores the same (F1 0 early in a wide search) TPE models the "
-        "one closest to the answers as best, not whichever it sorts first; null: the objective as is.")
+    tie_break: Optional[Literal["eval_loss", "val_ap"]] = Field(
+        M.EVAL_LOSS, description="Tell TPE each trial's objective with ties ordered by this metric (as "
+        "scheduler.tie_break; a nudge below 1e-6), so that while every trial scores the same (F1 0 early in a wide "
+        "search) TPE models the one closest to the answers as best, not whichever it sorts first; null: the "
+        "objective as is.")
 
 
 class ResourceSettings(_Strict):
@@ -113,6 +115,12 @@ class ExperimentConfig(_Strict):
         if metric not in allowed:
             raise ValueError(f"objective.metric {metric!r} is not reported by task {task!r}; use one of "
                              f"{', '.join(allowed)}")
+        tie_breaks = [k for k in M.TIE_BREAKS if k == M.EVAL_LOSS or k in allowed]  # every task has an eval loss
+        for field, key in (("scheduler.tie_break", self.scheduler.tie_break),
+                           ("searcher.tie_break", self.searcher.tie_break)):
+            if key is not None and key not in tie_breaks:
+                raise ValueError(f"{field} {key!r} is not reported by task {task!r}; use one of "
+                                 f"{', '.join(tie_breaks)}, or null")
         if metric == M.SEPARATION_AT_FLOOR and self.trial.style.terse_f1_floor is None:
             raise ValueError(f"objective.metric {metric} needs a floor: set trial.style.terse_f1_floor (e.g. 0.2) "
                              f"or use objective.metric={M.SEPARATION}")

@@ -24,6 +24,8 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from trainables.metrics import TIE_BREAKS
+
 _NOT_STATE = ("_controller",)
 
 
@@ -45,15 +47,19 @@ NUDGE = 1e-6
 
 
 def tie_broken(result: dict, metric: str, sign: int, key: str | None) -> dict:
-    """`result` with `metric` nudged by less than `NUDGE` against `result[key]` (lower is better), so results whose
-    objective is equal are ordered by `key` and no others are reordered; `sign` is 1 where the objective is maximised,
-    -1 where minimised. Unchanged where either value is missing or `key` is not finite."""
+    """`result` with `metric` nudged by less than `NUDGE` against `result[key]`, so results whose objective is equal
+    are ordered by `key` and no others are reordered; `sign` is 1 where the objective is maximised, -1 where
+    minimised. `key` is one of `metrics.TIE_BREAKS`: eval_loss (lower is better) or val_ap (in [0, 1], higher is
+    better). Unchanged where either value is missing or `key` is not finite."""
     second = result.get(key) if key and key != metric else None
     if metric not in result or not isinstance(result[metric], (int, float)) or not isinstance(second, (int, float)) \
             or not math.isfinite(second):
         return result
-    nudge = NUDGE * math.atan(max(0.0, second)) * 2 / math.pi  # in [0, NUDGE): higher loss, worse
-    return {**result, metric: result[metric] - sign * nudge}
+    if TIE_BREAKS.get(key, True):
+        worse = math.atan(max(0.0, second)) * 2 / math.pi  # in [0, 1): higher loss, worse
+    else:
+        worse = (1.0 - min(1.0, max(0.0, second))) * 0.999  # in [0, 1): lower average precision, worse
+    return {**result, metric: result[metric] - sign * NUDGE * worse}
 
 
 class ASHA(_ControllerAware, ASHAScheduler):

@@ -75,3 +75,23 @@ def test_eval_loss_from_label_scores_equals_the_trainers_eval_loss(fast_settings
     ours = task.evaluator(model)()
     assert ours["eval_loss"] == pytest.approx(theirs, rel=1e-4)
     assert ours["eval_loss"] > 0.1
+
+
+def test_average_precision_ranks_messages_by_the_minority_labels_score_margin(fast_settings):
+    """val_ap: the minority label's average precision, messages ranked by its score minus the other label's."""
+    sklearn = pytest.importorskip("sklearn.metrics")
+    from trainables.tasks import build_task
+
+    s = fast_settings
+    task = build_task(s, load_tokenizer(s.model))
+    model = load_peft_model(s.model, s.lora)
+    give_adapters_an_effect(model, seed=2)
+    val = task.splits.val[: s.eval.max_examples]
+    scores = Classifier(model, task.fmt).label_scores([t for t, _ in val])
+    assert scores.shape[1] == 2
+    p = task.fmt.labels.index(s.data.minority_label)
+    gold = [y == s.data.minority_label for _, y in val]
+    assert 0 < sum(gold) < len(gold)
+    ours = task.evaluator(model)()
+    assert ours["val_ap"] == pytest.approx(sklearn.average_precision_score(gold, (scores[:, p] - scores[:, 1 - p])))
+    assert 0.0 < ours["val_ap"] <= 1.0

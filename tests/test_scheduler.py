@@ -132,3 +132,24 @@ def test_tpe_is_told_ties_ordered_by_eval_loss(tie_break):
 def test_searcher_tie_break_default_and_off():
     assert load_config("configs/sms_spam.yaml", []).searcher.tie_break == "eval_loss"
     assert load_config("configs/sms_spam.yaml", ["searcher.tie_break=null"]).searcher.tie_break is None
+
+
+def test_average_precision_tie_break_keeps_the_tied_trial_that_ranks_the_minority_label_best():
+    """val_ap is higher-is-better: among trials at F1 0, the one with the lowest average precision is stopped."""
+    asha = ASHA(time_attr="step", metric="val_f1", mode="max", max_t=40, grace_period=10, reduction_factor=3,
+                tie_break="val_ap")
+    out = {}
+    for name, f1, ap in [("a", 0.0, 0.5), ("b", 0.0, 0.3), ("c", 0.0, 0.9), ("d", 0.0, 0.2), ("e", 0.2, 0.1)]:
+        trial = SimpleNamespace(trial_id=name)
+        asha.on_trial_add(None, trial)
+        out[name] = asha.on_trial_result(None, trial, {"step": 10, "val_f1": f1, "val_ap": ap, "eval_loss": 1.0})
+    assert out["a"] == out["c"] == out["e"] == TrialScheduler.CONTINUE  # first; best AP; the one F1 above 0
+    assert out["b"] == out["d"] == TrialScheduler.STOP  # F1 0 like a, ranking the minority label worse
+    assert asha._ranked({"val_f1": 0.0, "val_ap": 1.0})["val_f1"] == 0.0  # a perfect ranking: no nudge down
+    assert -1e-6 < asha._ranked({"val_f1": 0.0, "val_ap": 0.0})["val_f1"] < 0.0
+
+
+def test_a_tie_break_the_task_does_not_report_is_refused_at_load(tmp_path):
+    assert load_config("configs/sms_spam.yaml", ["scheduler.tie_break=val_ap"]).scheduler.tie_break == "val_ap"
+    with pytest.raises(ValueError, match="searcher.tie_break 'val_ap' is not reported by task 'style'"):
+        load_config("configs/style_squad.yaml", ["searcher.tie_break=val_ap"])

@@ -12,6 +12,7 @@ F1_BALANCED = "val_bal_f1"
 PRECISION = "val_precision"
 RECALL = "val_recall"
 EVAL_LOSS = "eval_loss"
+AVERAGE_PRECISION = "val_ap"  # of the minority label, ranking the messages by its score over the others'
 TEST_F1 = "test_f1"
 STEP = "step"
 
@@ -24,7 +25,9 @@ TERSE_EM = "val_terse_em"
 LEN_TERSE = "val_len_terse"
 LEN_VERBOSE = "val_len_verbose"
 STYLE_METRICS = (SEPARATION, SEPARATION_AT_FLOOR, MEETS_FLOOR, TERSE_F1, TERSE_EM, LEN_TERSE, LEN_VERBOSE)
-CLASSIFICATION_METRICS = (F1, F1_BALANCED, PRECISION, RECALL, EVAL_LOSS)
+CLASSIFICATION_METRICS = (F1, F1_BALANCED, PRECISION, RECALL, EVAL_LOSS, AVERAGE_PRECISION)
+# Metrics a search may order tied objective values by (search.resilience.tie_broken), and whether lower is better.
+TIE_BREAKS = {EVAL_LOSS: True, AVERAGE_PRECISION: False}
 
 
 def binary_prf(y_true: list[str], y_pred: list[str], positive: str) -> dict[str, float]:
@@ -42,6 +45,31 @@ def prf_from_counts(tp: float, fp: float, fn: float) -> dict[str, float]:
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+
+def average_precision(scores: list[float], positive: list[bool]) -> float:
+    """Average precision of the positive examples when every example is ranked by `scores` (higher: more likely
+    positive): the mean, over the thresholds at which recall rises, of precision times the rise, as scikit-learn's
+    `average_precision_score`. Examples with equal scores enter together. 0.0 with no positive example.
+
+    Unlike F1 it needs no decision: a model that still answers the majority label for every message (F1 0) but
+    scores the minority label higher on the minority messages than on the others already has a high AP."""
+    if len(scores) != len(positive):
+        raise ValueError(f"scores and positive differ in length ({len(scores)} != {len(positive)})")
+    total = sum(positive)
+    if not total:
+        return 0.0
+    ranked = sorted(zip(scores, positive), key=lambda x: -x[0])
+    ap, tp, seen, i = 0.0, 0, 0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        new = sum(1 for _, p in ranked[i:j] if p)
+        tp, seen = tp + new, seen + (j - i)
+        ap += (new / total) * (tp / seen)
+        i = j
+    return ap
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from trainables.data import ChatFormatter, Example
-from trainables.metrics import prf_from_counts
+from trainables.metrics import average_precision, prf_from_counts
 
 
 class Classifier:
@@ -79,9 +79,10 @@ class Classifier:
         return [self.fmt.labels[b] for b in best]
 
     def evaluate(self, examples: list[Example], positive: str) -> dict[str, float]:
-        """Precision/recall/F1 of `positive`, and `loss`: the mean negative log-likelihood per answer token of the
-        gold answers (what SFT's completion-only eval loss measures), from the same scores. Under torch.distributed
-        each rank scores a shard and the sums are reduced."""
+        """Precision/recall/F1 of `positive`; `loss`: the mean negative log-likelihood per answer token of the gold
+        answers (what SFT's completion-only eval loss measures); `ap`: the average precision of `positive` with the
+        messages ranked by its score over the likeliest other label's. All from the same scores. Under
+        torch.distributed each rank scores a shard; the sums are reduced and the rankings gathered."""
         import torch
         import torch.distributed as dist
 
@@ -97,11 +98,20 @@ class Classifier:
         tp = sum(1 for (_, y), p in zip(shard, preds) if y == positive and p == positive)
         fp = sum(1 for (_, y), p in zip(shard, preds) if y != positive and p == positive)
         fn = sum(1 for (_, y), p in zip(shard, preds) if y == positive and p != positive)
+        # how much more likely the model finds the positive label than the likeliest other one, per message
+        p = self.fmt.labels.index(positive)
+        others = torch.cat([scores[:, :p], scores[:, p + 1 :]], dim=1)
+        margins = (scores[:, p] - others.max(dim=1).values).tolist() if len(shard) and others.shape[1] else []
+        is_positive = [y == positive for _, y in shard]
         if world > 1:
             sums = torch.tensor([tp, fp, fn, nll, tokens], dtype=torch.float64)
             dist.all_reduce(sums)
             tp, fp, fn, nll, tokens = sums.tolist()
-        return {**prf_from_counts(tp, fp, fn), "loss": nll / tokens if tokens else float("nan")}
+            ranked: list = [None] * world
+            dist.all_gather_object(ranked, (margins, is_positive))
+            margins, is_positive = [m for r in ranked for m in r[0]], [y for r in ranked for y in r[1]]
+        return {**prf_from_counts(tp, fp, fn), "loss": nll / tokens if tokens else float("nan"),
+                "ap": average_precision(margins, is_positive) if margins else 0.0}
 
 
 def load_classifier(adapter_dir: str | Path) -> Classifier:

@@ -77,7 +77,8 @@ class ClassificationTask:
             nat = classifier.evaluate(val, positive)
             b = classifier.evaluate(bal, positive)
             return {M.F1: nat["f1"], M.PRECISION: nat["precision"], M.RECALL: nat["recall"], M.EVAL_LOSS: nat["loss"],
-                    M.F1_BALANCED: b["f1"], "val_bal_precision": b["precision"], "val_bal_recall": b["recall"]}
+                    M.AVERAGE_PRECISION: nat["ap"], M.F1_BALANCED: b["f1"], "val_bal_precision": b["precision"],
+                    "val_bal_recall": b["recall"]}
 
         return evaluate
 
