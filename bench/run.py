@@ -430,7 +430,7 @@ TIE_BREAK_WORDS = {"eval_loss": "eval loss", "val_ap": "the minority label's ave
 def tie_break(settings: dict[str, Any]) -> str:
     """What ordered TPE + ASHA's tied trials in a run with these settings (eval loss in runs from before it could
     be chosen)."""
-    return settings.get("scheduler_tie_break") or "eval_loss"
+    return settings.get("scheduler_tie_break") or settings.get("tie_break") or "eval_loss"
 
 
 def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:

@@ -95,11 +95,17 @@ def start_local_ray(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None
     address. With another Ray instance on this machine (a second search, a test's cluster) an address-less lookup
     fails ("Found multiple active Ray instances") and stopped trials' resources are never freed: the dashboard gets
     a port of its own, and this process, the processes it starts and Ray's workers are told where it is
-    (RAY_API_SERVER_ADDRESS)."""
+    (RAY_API_SERVER_ADDRESS). Ray Train's preemption watcher is off (RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0): no node
+    of a local Ray is ever drained."""
     import ray
 
     port = _free_port()
     env = dict(env or {})
+    # Ray Train's preemption watcher (an actor per Train run, started beside the training) reports the draining of a
+    # node, which only an autoscaler's spot nodes do: on this one machine it is a process that cost each Train run
+    # 1.4 CPU-seconds (bench/README.md). Set in this process's environment, which Ray's daemons and so every job's
+    # workers inherit: a second search joining this Ray (ray_address) gets it too.
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, runtime_env={**(runtime_env or {}), "env_vars": env}, **init_kwargs)

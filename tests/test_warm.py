@@ -60,6 +60,11 @@ def test_later_trials_reuse_the_warm_host_and_report_what_a_fresh_process_report
     assert first["imports_seconds"] > 1.0  # torch & co, in the host
     assert other["imports_seconds"] < 1.0 and again["imports_seconds"] < 1.0
     assert "warm_host_pid" not in fresh
+    # a local Ray drains no node: Ray Train's preemption watcher, an actor per run, is not started
+    from ray.util.state import list_actors
+
+    assert list_actors(filters=[("class_name", "=", "PreemptionWatcher")]) == []
+    assert len(list_actors(filters=[("class_name", "=", "TrainController")])) == 4  # the filter finds Train's actors
     # isolation: the same settings give the same curve in a fresh Train worker, a new host and a host that ran others
     for m in (first, again):
         assert {k: m[k] for k in CURVE} == {k: fresh[k] for k in CURVE}
