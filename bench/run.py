@@ -443,9 +443,8 @@ def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
              "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
     if tpe_asha:
         extra += ["--set", f"scheduler.reduction_factor={b.args.reduction_factor}"]
-        if b.args.tie_break:
-            extra += ["--set", f"scheduler.tie_break={b.args.tie_break}", "--set",
-                      f"searcher.tie_break={b.args.tie_break}"]
+        if key := getattr(b.args, "tie_break", None):  # the settings of reports from before --tie-break lack it
+            extra += ["--set", f"scheduler.tie_break={key}", "--set", f"searcher.tie_break={key}"]
         if b.args.p2_startup_trials:
             extra += ["--set", f"searcher.n_startup_trials={b.args.p2_startup_trials}"]
     if b.args.p2_eval_at_rungs:  # both evaluate at the rungs TPE + ASHA's trials evaluate at (scheduler.eval_at_rungs)

@@ -269,6 +269,11 @@ def test_p2_eval_at_rungs_gives_both_strategies_the_rungs_asha_decides_at():
     args.p2_startup_trials = 1
     assert "searcher.n_startup_trials=1" in strategy_sets(b, 0, True)
     assert not any("n_startup_trials" in x for x in strategy_sets(b, 0, False))
+    # --tie-break orders TPE + ASHA's ties, at a rung and for TPE; random search has neither
+    assert not any("tie_break" in x for x in sets[True] + sets[False])  # namespaces without it: the search's own
+    args.tie_break = "val_ap"
+    assert {"scheduler.tie_break=val_ap", "searcher.tie_break=val_ap"} <= set(strategy_sets(b, 0, True))
+    assert not any("tie_break" in x for x in strategy_sets(b, 0, False))
 
 
 def test_model_flops_per_token_by_hand_and_against_the_models_own_linear_layers():
