@@ -958,12 +958,13 @@ def main(argv: list[str] | None = None) -> int:
     t0, cpu0 = time.time(), cpu_times()
     from search.config import load_config
 
+    defaults = load_config(CONFIG, [])
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
         "machine": machine(), "versions": versions(),
-        "settings": {**vars(args), "searcher_tie_break": args.tie_break or load_config(CONFIG, []).searcher.tie_break,
-                     "scheduler_tie_break": args.tie_break or load_config(CONFIG, []).scheduler.tie_break},
+        "settings": {**vars(args), "searcher_tie_break": args.tie_break or defaults.searcher.tie_break,
+                     "scheduler_tie_break": args.tie_break or defaults.scheduler.tie_break},
         "targets": TARGETS,
     }
     b = Bench(out, args)

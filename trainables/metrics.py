@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from itertools import groupby
 
 # Metric names, imported by the reporter, the scheduler, the searcher and export.
 F1 = "val_f1"
@@ -59,16 +60,11 @@ def average_precision(scores: list[float], positive: list[bool]) -> float:
     total = sum(positive)
     if not total:
         return 0.0
-    ranked = sorted(zip(scores, positive), key=lambda x: -x[0])
-    ap, tp, seen, i = 0.0, 0, 0, 0
-    while i < len(ranked):
-        j = i
-        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
-            j += 1
-        new = sum(1 for _, p in ranked[i:j] if p)
-        tp, seen = tp + new, seen + (j - i)
-        ap += (new / total) * (tp / seen)
-        i = j
+    ap, tp, seen = 0.0, 0, 0
+    for _, tied in groupby(sorted(zip(scores, positive), key=lambda x: -x[0]), key=lambda x: x[0]):
+        flags = [p for _, p in tied]
+        tp, seen = tp + sum(flags), seen + len(flags)
+        ap += sum(flags) / total * tp / seen
     return ap
 
 
