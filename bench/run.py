@@ -237,7 +237,8 @@ def p1(b: Bench) -> dict[str, Any]:
     # later trial of a search does. P1's ratio is the second's; the first's is reported beside it.
     runs = [("before", "p1-search-before", BEFORE["env"], BEFORE["sets"] + ["--set", "num_trials=1"])] \
         if b.args.p1_before else []
-    runs.append(("after", "p1-search", None, ["--set", "num_trials=2", "--set", f"space={p1_space(b.out)}"]))
+    runs.append(("after", "p1-search", None, ["--set", "num_trials=2", "--set", f"space={p1_space(b.out)}"]
+                 + [a for kv in b.args.p1_set or [] for a in ("--set", kv)]))
     for key, name, env, sets in runs:
         s = b.search(name, extra + sets, steps, every, env=env)
         trials = sorted(s["trials"], key=lambda t: (t.get("timing") or {}).get("started_at", 0.0))
@@ -917,6 +918,8 @@ def main(argv: list[str] | None = None) -> int:
                     "with P2).")
     ap.add_argument("--p1-steps", type=int, help="Steps of the P1 trial (default: as many as make the bare loop "
                     "last --p1-seconds on this machine, from a short calibration run).")
+    ap.add_argument("--p1-set", action="append", metavar="KEY=VALUE", help="A search setting for P1's two trials "
+                    "(repeatable), e.g. resources.allocator=system to A/B one change against the same bare loop.")
     ap.add_argument("--p1-seconds", type=float, default=120.0, help="Bare-loop length P1 calibrates to.")
     ap.add_argument("--p1-before", action="store_true", help="Also time P1's trial as it was before the per-trial "
                     "cost was cut (bench/README.md; about 4 minutes more).")

@@ -151,7 +151,8 @@ def build_tuner(cfg: ExperimentConfig, space: Space, plan: dict, callbacks: list
     root = storage_root(cfg)  # trial results and checkpoints: output_dir, or shared storage on a cluster
     resources = TrialResources(cfg.resources.num_workers, cfg.resources.cpus_per_worker,
                                cfg.resources.gpus_per_worker, tuple(cfg.resources.custom_per_worker.items()),
-                               cfg.resources.torch_process_group, cfg.resources.warm_workers)
+                               cfg.resources.torch_process_group, cfg.resources.warm_workers,
+                               cfg.resources.allocator)
     trainable = tune.with_resources(
         tune.with_parameters(load_trainable(cfg.trainable), base=cfg.trial_for_trials().model_dump(),
                              resources=resources, storage_path=f"{root}/train", max_failures=cfg.max_failures,

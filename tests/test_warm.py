@@ -60,6 +60,12 @@ def test_later_trials_reuse_the_warm_host_and_report_what_a_fresh_process_report
     assert first["imports_seconds"] > 1.0  # torch & co, in the host
     assert other["imports_seconds"] < 1.0 and again["imports_seconds"] < 1.0
     assert "warm_host_pid" not in fresh
+    # the host runs on jemalloc (resources.allocator's default), and the job's environment still reaches it
+    host = first["warm_host_pid"]
+    assert "libjemalloc.so" in open(f"/proc/{host}/maps").read()
+    assert "libjemalloc.so" not in open(f"/proc/{os.getpid()}/maps").read()
+    environ = dict(v.split("=", 1) for v in open(f"/proc/{host}/environ").read().split("\0") if "=" in v)
+    assert environ["MALLOC_CONF"] == "oversize_threshold:0" and environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     # a local Ray drains no node: Ray Train's preemption watcher, an actor per run, is not started
     from ray.util.state import list_actors
 
@@ -69,6 +75,22 @@ def test_later_trials_reuse_the_warm_host_and_report_what_a_fresh_process_report
     for m in (first, again):
         assert {k: m[k] for k in CURVE} == {k: fresh[k] for k in CURVE}
     assert other["train_loss"] != first["train_loss"]
+
+
+def test_allocator_env_preloads_rays_jemalloc_before_other_preloads_and_keeps_a_users_malloc_conf(monkeypatch):
+    from trainables.warm import JEMALLOC_CONF, allocator_env, jemalloc_path
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    path = jemalloc_path()
+    assert path and os.path.isfile(path)  # the Linux Ray wheel ships it
+    assert allocator_env("jemalloc") == {"LD_PRELOAD": path, "MALLOC_CONF": JEMALLOC_CONF}
+    assert allocator_env("system") == {}
+    monkeypatch.setenv("LD_PRELOAD", f"/opt/other.so:{path}")
+    monkeypatch.setenv("MALLOC_CONF", "background_thread:true")
+    assert allocator_env("jemalloc") == {"LD_PRELOAD": f"{path}:/opt/other.so", "MALLOC_CONF": "background_thread:true"}
+    with pytest.raises(ValueError, match="resources.allocator"):
+        allocator_env("tcmalloc")
 
 
 def test_a_stopped_trial_frees_its_warm_host_for_the_next(fast_settings, local_ray, tmp_path):

@@ -29,6 +29,7 @@ class TrialResources:
     custom: tuple[tuple[str, float], ...] = ()  # extra resources per worker, e.g. (("A10G", 1),)
     torch_process_group: str = "auto"  # "always": TorchTrainer for one worker too (see trainer_class)
     warm: bool = True  # one worker: train in a warm host on the worker's node (trainables.warm)
+    allocator: str = "jemalloc"  # the warm hosts' memory allocator (trainables.warm.allocator_env)
 
     def per_worker(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker, **dict(self.custom)}
@@ -73,7 +74,8 @@ def train_worker(config: dict[str, Any], on_end=None) -> None:
             if warm:
                 from trainables.warm import run_warm
 
-                run_warm(config["settings"], report, checkpoint_dir, timing, gpu_share=gpu_share)
+                run_warm(config["settings"], report, checkpoint_dir, timing, gpu_share=gpu_share,
+                         allocator=config.get("allocator", "jemalloc"))
             else:
                 from trainables.model import limit_gpu_memory
                 from trainables.sft import train as sft_train
@@ -249,7 +251,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
         train_loop_per_worker=train_worker,
         # when this trial's process started and when it asked Train for workers (see search.driver.WORKER_TIMING)
         train_loop_config={"settings": settings.model_dump(), "warm": resources.warm and resources.num_workers == 1,
-                           "gpu_share": resources.gpus_per_worker,
+                           "gpu_share": resources.gpus_per_worker, "allocator": resources.allocator,
                            "timing": {"trial_entered_at": round(entered, 3), "fit_at": round(time.time(), 3)}},
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,

@@ -15,6 +15,12 @@ on one thread of its own (`WarmHost._on_torch_thread`: a second OpenMP team in t
 slower). tests/test_warm.py checks that a trial run in a host that already ran another one reports exactly the
 metrics it reports in a fresh process.
 
+Allocator: a host trains on a thread of its own, and the C library's malloc gives such a thread an arena of its own,
+whose heaps it maps and unmaps as the training's large blocks come and go: on 2 CPUs a host's arena did so hundreds
+of times a second, faulting the pages back in at every step and interrupting the other CPU to flush its TLB. So a
+host preloads jemalloc, the allocator Ray ships and runs its own daemons with, set to keep large blocks for reuse
+(`allocator_env`; `resources.allocator: system` keeps the C library's).
+
 Protocol (the Train worker is the owner; same node): `acquire(pid)`, then `run(pid, ...)` in the background while
 the owner pulls the reports with `next(pid)`. A report carries the checkpoint directory the host wrote; the host
 keeps it until the owner asks for the next report, i.e. until `ray.train.report` has persisted it. If the owner dies
@@ -39,6 +45,10 @@ IDLE_SECONDS = 300.0  # a host no trial has used for this long exits
 RETIRE_GRACE_SECONDS = 5.0  # a host whose trial failed exits this long after the failure reached its owner
 MAX_SLOTS = 64  # hosts per node and accelerator set: far above any real trial concurrency on one node
 ACCELERATOR_ENV = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+# jemalloc serves blocks above `oversize_threshold` (8 MiB by default) from an arena that hands them back to the
+# kernel at once; 0 turns that arena off, so activations and logits are reused from step to step like small blocks
+# (the default 10 s decay still returns what a finished trial no longer uses).
+JEMALLOC_CONF = "oversize_threshold:0"
 _END = ("end",)
 
 
@@ -216,6 +226,30 @@ class WarmHost:
                 return
 
 
+def jemalloc_path() -> str | None:
+    """The jemalloc library in this Ray installation (Linux wheels ship it for Ray's own daemons), or None."""
+    import ray
+
+    path = os.path.join(os.path.dirname(ray.__file__), "core", "libjemalloc.so")
+    return path if os.path.exists(path) else None
+
+
+def allocator_env(allocator: str) -> dict[str, str]:
+    """The environment a warm host starts with for `allocator` ("jemalloc" or "system"): jemalloc preloaded ahead of
+    any library already preloaded, with `JEMALLOC_CONF` unless MALLOC_CONF is set; nothing for the system's, or
+    where this Ray has no jemalloc."""
+    if allocator == "system":
+        return {}
+    if allocator != "jemalloc":
+        raise ValueError(f"resources.allocator: {allocator!r} is not one of jemalloc, system")
+    path = jemalloc_path()
+    if path is None:
+        log.warning("resources.allocator=jemalloc: this Ray has no libjemalloc.so; warm hosts use the system's malloc")
+        return {}
+    preload = [path] + [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p != path]
+    return {"LD_PRELOAD": ":".join(preload), "MALLOC_CONF": os.environ.get("MALLOC_CONF", JEMALLOC_CONF)}
+
+
 @functools.cache
 def _actor_class():
     import ray
@@ -223,20 +257,22 @@ def _actor_class():
     return ray.remote(WarmHost)  # once per process: a trial tries several slots, each through this class
 
 
-def host_for(slot: int, node_id: str, accelerator_env: dict[str, str]):
-    """This node's warm host for these accelerators in `slot`, created if it does not exist."""
+def host_for(slot: int, node_id: str, accelerator_env: dict[str, str], allocator: str = "jemalloc"):
+    """This node's warm host for these accelerators and this allocator in `slot`, created if it does not exist."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     devices = ",".join(accelerator_env.get(k, "") for k in ACCELERATOR_ENV if k in accelerator_env) or "cpu"
-    name = f"qlora-warm-{node_id[:16]}-{devices}-{slot}"
+    name = f"qlora-warm-{node_id[:16]}-{devices}-{slot}" + ("" if allocator == "jemalloc" else f"-{allocator}")
     return _actor_class().options(
         name=name, get_if_exists=True, lifetime="detached", num_cpus=0, max_concurrency=8, max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        # merged into the job's runtime environment: its other variables still reach the host
+        runtime_env={"env_vars": allocator_env(allocator)},
     ).remote(accelerator_env)
 
 
 def run_warm(settings: dict[str, Any], report, checkpoint_dir: str | None, timing: dict[str, Any],
-             gpu_share: float = 0.0) -> None:
+             gpu_share: float = 0.0, allocator: str = "jemalloc") -> None:
     """Run one trial's SFT loop in a warm host on this node; `report(metrics, checkpoint_dir)` is called here, in the
     Train worker, for each of its reports. `timing` gets the host's figures before the first report: its pid, the
     trials it ran before, the seconds this worker waited for it, and its import seconds (0 when it was warm)."""
@@ -247,7 +283,7 @@ def run_warm(settings: dict[str, Any], report, checkpoint_dir: str | None, timin
     threads = max(1, int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0)))
     t = time.time()
     for slot in range(MAX_SLOTS):
-        host = host_for(slot, node_id, accelerator_env)
+        host = host_for(slot, node_id, accelerator_env, allocator)
         got = ray.get(host.acquire.remote(pid))
         if got is not None:
             break
