@@ -6,7 +6,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]
 from bench.run import trial_settings
 from trainables.model import load_peft_model
 from trainables.settings import TrialSettings
-STEPS = 20
+STEPS = int(os.environ.get("STEPS", 20))
 def run():
     torch.set_num_threads(2)
     s = TrialSettings.model_validate(trial_settings(STEPS, STEPS, 8))

@@ -7,8 +7,8 @@ for round in 1 2 3; do
     RP=$!
     for i in $(seq 60); do grep -q ready $D/ray_$mode.log && break; sleep 1; done
     sleep 3
-    for k in 1 2; do echo "round $round $mode $(python $D/steps.py main 2>/dev/null)"; done
+    for k in 1 2; do echo "round $round $mode $(python bench/results/2026-12-04-idle-ray-probes/steps.py main 2>/dev/null)"; done
     kill $RP; wait $RP 2>/dev/null; ray stop --force >/dev/null 2>&1; sleep 2
   done
-  echo "round $round noray $(python $D/steps.py main 2>/dev/null)"
+  echo "round $round noray $(python bench/results/2026-12-04-idle-ray-probes/steps.py main 2>/dev/null)"
 done

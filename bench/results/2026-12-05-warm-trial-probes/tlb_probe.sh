@@ -5,7 +5,7 @@
 D=bench/results/2026-12-05-warm-trial-probes
 tlb() { awk '/TLB shootdowns/ {print $2+$3}' /proc/interrupts; }
 probe() {
-  STEPS=150 python $D/steps.py main > $D/steps_$1.out 2>/dev/null &
+  STEPS=150 python bench/results/2026-12-04-idle-ray-probes/steps.py main > $D/steps_$1.out 2>/dev/null &
   SP=$!; sleep 22
   a=$(tlb); perf record -q -o $D/perf_$1.data -e tlb:tlb_flush -e syscalls:sys_enter_munmap -e syscalls:sys_enter_madvise -e syscalls:sys_enter_mprotect -e syscalls:sys_enter_mmap -a -- sleep 5 2>/dev/null; b=$(tlb)
   echo "$1: TLB shootdowns/s $(( (b - a) / 5 ))"
