@@ -63,8 +63,9 @@ class ResourceSettings(_Strict):
         "training stack once (trainables/warm.py), rather than in the new Train worker process, which would import it "
         "again (~10 s a trial on 2 CPUs). One worker per trial only; several workers always train in Train's own.")
     allocator: Literal["jemalloc", "system"] = Field(
-        "jemalloc", description="The warm hosts' memory allocator. jemalloc: the one Ray ships and runs its own "
-        "daemons with, preloaded into each host, large blocks kept for reuse between steps; system: the C library's "
+        "jemalloc", description="The memory allocator of the processes that train (warm hosts, and Train workers "
+        "where they train themselves). jemalloc: the one Ray ships and runs its own daemons with, preloaded, large "
+        "blocks kept for reuse between steps; system: the C library's "
         "malloc, whose per-thread arena for the host's training thread mapped and unmapped memory hundreds of times "
         "a second on 2 CPUs, faulting pages back in at every step and interrupting the other CPU (bench/README.md). "
         "A Ray build without jemalloc (not Linux) uses the system's.")

@@ -289,8 +289,8 @@ def _gpu_out_of_memory_for_rank_8(record_dir: str):
     """A Ray `worker_process_setup_hook` for every process of the test's cluster. It stands in for a GPU, which does
     not exist here: a trial with LoRA rank 8 meets the error torch's CUDA allocator raises when a batch does not fit
     (`torch.OutOfMemoryError`, its message as a 24 GB GPU words it) at step 9, after its step-6 checkpoint; every time
-    that happens is appended to `attempts`. It also records the GPU share each process is held to (`share-<pid>`);
-    the limit itself is a no-op without CUDA."""
+    that happens is appended to `attempts`. It also records the GPU share each process is held to (`share-<pid>`),
+    the limit itself a no-op without CUDA, and the memory allocator of each process that trains (`malloc-<pid>`)."""
 
     def hook():
         import os
@@ -306,6 +306,8 @@ def _gpu_out_of_memory_for_rank_8(record_dir: str):
             limit(share)
 
         def train_on_a_small_gpu(settings, report, **kw):
+            with open(f"{record_dir}/malloc-{os.getpid()}", "w") as f:  # the allocator of the process that trains
+                f.write("jemalloc" if "libjemalloc.so" in open("/proc/self/maps").read() else "system")
             if settings.lora.r == 8:
                 import torch
                 from transformers import TrainerCallback
@@ -366,6 +368,9 @@ def test_a_trial_out_of_gpu_memory_fails_at_once_saying_what_to_change_and_other
         "trial more of a GPU (a larger resources.gpus_per_worker).")
     shares = [p.read_text().split() for p in record.glob("share-*")]
     assert sorted(s for per_process in shares for s in per_process) == ["0.5", "0.5"]  # each trial's host, once
+    # a warm host and a Train worker that trains itself both run on jemalloc (resources.allocator's default)
+    allocators = [p.read_text() for p in record.glob("malloc-*")]
+    assert allocators and set(allocators) == {"jemalloc"}
 
 
 def test_a_gpu_share_holds_the_process_to_that_fraction_of_its_gpu(monkeypatch):

@@ -29,7 +29,7 @@ class TrialResources:
     custom: tuple[tuple[str, float], ...] = ()  # extra resources per worker, e.g. (("A10G", 1),)
     torch_process_group: str = "auto"  # "always": TorchTrainer for one worker too (see trainer_class)
     warm: bool = True  # one worker: train in a warm host on the worker's node (trainables.warm)
-    allocator: str = "jemalloc"  # the warm hosts' memory allocator (trainables.warm.allocator_env)
+    allocator: str = "jemalloc"  # the training processes' memory allocator (trainables.warm.allocator_env)
 
     def per_worker(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker, **dict(self.custom)}
@@ -247,10 +247,16 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
 
     settings = TrialSettings.model_validate(base).with_values(config)
     trial_id = ray.tune.get_context().get_trial_id()
+    warm = resources.warm and resources.num_workers == 1
+    # Where the Train workers train themselves (no warm host), they get the warm hosts' allocator too: Train runs the
+    # loop on a thread of the worker's, as a host does (trainables/warm.py, "Allocator").
+    from trainables.warm import allocator_env
+
+    worker_env = {} if warm else allocator_env(resources.allocator)
     trainer = trainer_class(resources)(
         train_loop_per_worker=train_worker,
         # when this trial's process started and when it asked Train for workers (see search.driver.WORKER_TIMING)
-        train_loop_config={"settings": settings.model_dump(), "warm": resources.warm and resources.num_workers == 1,
+        train_loop_config={"settings": settings.model_dump(), "warm": warm,
                            "gpu_share": resources.gpus_per_worker, "allocator": resources.allocator,
                            "timing": {"trial_entered_at": round(entered, 3), "fit_at": round(time.time(), 3)}},
         scaling_config=ScalingConfig(
@@ -262,6 +268,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
             # A stable name per trial: a restarted trial finds its Train run and resumes from its last checkpoint.
             name=f"train-{trial_id}",
             storage_path=storage_path,
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
             callbacks=[tune_report_callback(storage_path), fail_on_out_of_memory()],
             # Bounded retries for workers that die while training and for worker groups that die while starting
             # (Ray retries the latter forever by default): a trial that keeps failing fails, visibly. Running out of
