@@ -235,16 +235,16 @@ def jemalloc_path() -> str | None:
 
 
 def allocator_env(allocator: str) -> dict[str, str]:
-    """The environment a warm host starts with for `allocator` ("jemalloc" or "system"): jemalloc preloaded ahead of
-    any library already preloaded, with `JEMALLOC_CONF` unless MALLOC_CONF is set; nothing for the system's, or
-    where this Ray has no jemalloc."""
+    """The environment a process that trains (a warm host, or a Train worker that trains itself) starts with for
+    `allocator` ("jemalloc" or "system"): jemalloc preloaded ahead of any library already preloaded, with
+    `JEMALLOC_CONF` unless MALLOC_CONF is set; nothing for the system's, or where this Ray has no jemalloc."""
     if allocator == "system":
         return {}
     if allocator != "jemalloc":
         raise ValueError(f"resources.allocator: {allocator!r} is not one of jemalloc, system")
     path = jemalloc_path()
     if path is None:
-        log.warning("resources.allocator=jemalloc: this Ray has no libjemalloc.so; warm hosts use the system's malloc")
+        log.warning("resources.allocator=jemalloc: this Ray has no libjemalloc.so; trials train on the system's malloc")
         return {}
     preload = [path] + [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p != path]
     return {"LD_PRELOAD": ":".join(preload), "MALLOC_CONF": os.environ.get("MALLOC_CONF", JEMALLOC_CONF)}
