@@ -257,8 +257,9 @@ def _actor_class():
     return ray.remote(WarmHost)  # once per process: a trial tries several slots, each through this class
 
 
-def host_for(slot: int, node_id: str, accelerator_env: dict[str, str], allocator: str = "jemalloc"):
-    """This node's warm host for these accelerators and this allocator in `slot`, created if it does not exist."""
+def host_for(slot: int, node_id: str, accelerator_env: dict[str, str], allocator: str, env_vars: dict[str, str]):
+    """This node's warm host for these accelerators and this allocator in `slot`, created if it does not exist, with
+    `env_vars` (`allocator_env(allocator)`) in its environment."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     devices = ",".join(accelerator_env.get(k, "") for k in ACCELERATOR_ENV if k in accelerator_env) or "cpu"
@@ -267,7 +268,7 @@ def host_for(slot: int, node_id: str, accelerator_env: dict[str, str], allocator
         name=name, get_if_exists=True, lifetime="detached", num_cpus=0, max_concurrency=8, max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         # merged into the job's runtime environment: its other variables still reach the host
-        runtime_env={"env_vars": allocator_env(allocator)},
+        runtime_env={"env_vars": env_vars},
     ).remote(accelerator_env)
 
 
@@ -281,9 +282,10 @@ def run_warm(settings: dict[str, Any], report, checkpoint_dir: str | None, timin
     pid, node_id = os.getpid(), ray.get_runtime_context().get_node_id()
     accelerator_env = {k: os.environ[k] for k in ACCELERATOR_ENV if k in os.environ}
     threads = max(1, int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0)))
+    env_vars = allocator_env(allocator)  # once, not per slot tried
     t = time.time()
     for slot in range(MAX_SLOTS):
-        host = host_for(slot, node_id, accelerator_env, allocator)
+        host = host_for(slot, node_id, accelerator_env, allocator, env_vars)
         got = ray.get(host.acquire.remote(pid))
         if got is not None:
             break
