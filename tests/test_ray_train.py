@@ -80,8 +80,9 @@ def test_single_worker_runs_without_a_process_group_unless_asked(tmp_path):
 
     from trainables.ray_trainable import TrialResources, trainer_class
 
-    assert trainer_class(TrialResources(num_workers=2)) is TorchTrainer
-    assert trainer_class(TrialResources(num_workers=1, torch_process_group="always")) is TorchTrainer
+    assert issubclass(trainer_class(TrialResources(num_workers=2)), TorchTrainer)
+    always = trainer_class(TrialResources(num_workers=1, torch_process_group="always"))
+    assert issubclass(always, TorchTrainer)
     single = trainer_class(TrialResources(num_workers=1))
     assert not issubclass(single, TorchTrainer)
 
@@ -89,7 +90,7 @@ def test_single_worker_runs_without_a_process_group_unless_asked(tmp_path):
     ray.init(num_cpus=1, include_dashboard=False)
     try:
         seen = {}
-        for name, cls in (("single", single), ("always", TorchTrainer)):
+        for name, cls in (("single", single), ("always", always)):
             out = tmp_path / f"{name}.json"
             result = cls(_process_group, train_loop_config={"out": str(out)},
                          scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
@@ -100,3 +101,38 @@ def test_single_worker_runs_without_a_process_group_unless_asked(tmp_path):
         ray.shutdown()
     assert seen["single"] == {"process_group": False, "world_size": 1}
     assert seen["always"] == {"process_group": True, "world_size": 1}
+
+
+def test_a_run_without_ray_datasets_starts_no_dataset_manager(tmp_path):
+    """Ray Train starts a DatasetManager actor (a process importing Ray Data) for every run; ours leave it out when
+    there are no Ray Datasets, and still train and report. Ray's own trainer, same run, is the control."""
+    import json
+    import sys
+
+    import ray
+    import ray.cloudpickle
+    from ray._private.state import actors
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from trainables.ray_trainable import TrialResources, trainer_class
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=1, include_dashboard=False)
+
+    def managers() -> int:
+        return sum(a["ActorClassName"].endswith("DatasetManager") for a in actors().values())
+
+    try:
+        started = {}
+        for name, cls in (("ours", trainer_class(TrialResources(num_workers=1))), ("ray", DataParallelTrainer)):
+            before = managers()
+            out = tmp_path / f"{name}.json"
+            result = cls(_process_group, train_loop_config={"out": str(out)},
+                         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                         run_config=RunConfig(name=name, storage_path=str(tmp_path))).fit()
+            assert result.error is None and json.loads(out.read_text())["world_size"] == 1
+            started[name] = managers() - before
+    finally:
+        ray.shutdown()
+    assert started == {"ours": 0, "ray": 1}

@@ -226,10 +226,40 @@ def trainer_class(resources: TrialResources):
     if resources.num_workers > 1 or resources.torch_process_group == "always":
         from ray.train.torch import TorchTrainer
 
-        return TorchTrainer
+        return without_idle_dataset_manager(TorchTrainer)
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    return DataParallelTrainer
+    return without_idle_dataset_manager(DataParallelTrainer)
+
+
+_TRAINERS: dict[type, type] = {}
+
+
+def without_idle_dataset_manager(trainer: type) -> type:
+    """`trainer` less the Ray Data actor it starts for a run without Ray Datasets.
+
+    Ray Train's `DatasetsCallback` starts a `DatasetManager` actor for every run, datasets or none: one more process
+    per trial that imports Ray Data and shuts down unused: 1.2 s of CPU per trial (bench/README.md). Our
+    trials read the search's preprocessing cache, not Ray Datasets, so with no `datasets` the callback is left out
+    and nothing else changes. If Ray's trainer no longer builds its callbacks this way, `trainer` is used as is."""
+    if trainer not in _TRAINERS:
+        try:
+            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        except ImportError:
+            DatasetsCallback = None
+        if DatasetsCallback is None or not hasattr(trainer, "_create_default_callbacks"):
+            _TRAINERS[trainer] = trainer  # a Ray that changed this: keep Ray's behaviour
+        else:
+            def _create_default_callbacks(self):
+                callbacks = super(cls, self)._create_default_callbacks()
+                if self.datasets:
+                    return callbacks
+                return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+
+            cls = type(trainer.__name__, (trainer,), {"_create_default_callbacks": _create_default_callbacks,
+                                                      "__module__": __name__, "__doc__": trainer.__doc__})
+            _TRAINERS[trainer] = cls
+    return _TRAINERS[trainer]
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialResources,
