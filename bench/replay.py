@@ -129,6 +129,64 @@ def summary(curves: Sequence[Curve], *, metric: str, every: int, steps: int, red
             "every": every, "steps": steps, "fixed_seconds": fixed, "work_seconds": work, "rows": rows}
 
 
+def ranks(values: Sequence[Any]) -> list[float]:
+    """1-based ranks of `values` (anything that sorts), equal values given their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i : j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(xs: Sequence[Any], ys: Sequence[Any]) -> float | None:
+    """Spearman's rank correlation of two orderings (ties at their mean rank); None where either has one value."""
+    rx, ry = ranks(xs), ranks(ys)
+    if len(set(rx)) < 2 or len(set(ry)) < 2:
+        return None
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+
+
+def rung_signal(curves: Sequence[Curve], *, metric: str, rungs: Sequence[int],
+                tie_break: str | None = None) -> list[dict[str, Any]]:
+    """What ASHA has to go on at each rung (higher objective is better), over these curves.
+
+    Per rung: the curves evaluated there; the share whose objective there is the commonest value (1.0: every
+    trial ties, and ASHA decides by the tie break alone); and the rank correlation with each curve's peak objective
+    (what its trial ends as in the search: its best checkpoint) of the objective at the rung, alone and with ties
+    ordered by `tie_break`, as ASHA orders them. A correlation near 0 means ASHA's cut there is a coin toss; None
+    means the rung's values were all equal."""
+    from trainables.metrics import TIE_BREAKS
+
+    lower_is_better = TIE_BREAKS.get(tie_break, False) if tie_break else False
+    rows = []
+    for rung in rungs:
+        at = [(c, next((r for r in c if r["step"] == rung), None)) for c in curves]
+        at = [(c, r) for c, r in at if r is not None]
+        if not at:
+            continue
+        values = [r[metric] for _, r in at]
+        peaks = [max(x[metric] for x in c) for c, _ in at]
+        rows.append({"step": rung, "curves": len(at),
+                     "tied": round(max(values.count(v) for v in values) / len(values), 3),
+                     "corr_objective": _round(spearman(values, peaks)),
+                     "corr_with_tie_break": _round(spearman(
+                         [(r[metric], (-1 if lower_is_better else 1) * r.get(tie_break, 0.0) if tie_break else 0.0)
+                          for _, r in at], peaks))})
+    return rows
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
 def from_report(out: Path, replays: int = 200, tie_break: str | None = None) -> dict[str, Any] | None:
     """The replay for a benchmark run directory (its report.json and runs/), or None without recorded curves."""
     report = json.loads((out / "report.json").read_text())
@@ -154,10 +212,15 @@ def replay_for(out: Path, settings: dict[str, Any], cost: dict[str, Any], names:
     if any(key not in r for c in curves for r in c):
         print(f"bench.replay: {out}'s curves do not all have {key}; ties are left unordered where it is missing",
               file=sys.stderr)
-    return summary(curves, metric="val_f1", tie_break=key, every=every, steps=steps,
-                   reduction_factor=settings["reduction_factor"], factors=sorted({2.0, 3.0, 4.0,
-                                                                                  settings["reduction_factor"]}),
-                   fixed=cost["fixed_seconds_median"], work=cost["work_seconds_full_median"], replays=replays)
+    from bench.run import p2_rungs
+
+    r = summary(curves, metric="val_f1", tie_break=key, every=every, steps=steps,
+                reduction_factor=settings["reduction_factor"], factors=sorted({2.0, 3.0, 4.0,
+                                                                               settings["reduction_factor"]}),
+                fixed=cost["fixed_seconds_median"], work=cost["work_seconds_full_median"], replays=replays)
+    r["rungs"] = rung_signal(curves, metric="val_f1", tie_break=key,
+                             rungs=sorted(set(p2_rungs(argparse.Namespace(**settings))) | {steps}))
+    return r
 
 
 def markdown(r: dict[str, Any], p2_factor: float) -> list[str]:
@@ -179,6 +242,18 @@ def markdown(r: dict[str, Any], p2_factor: float) -> list[str]:
                         *("-" if x[k] is None else f"{x[k]:.0%}" for k in ("best_stopped", "best_missed")),
                         f"{x['no_best']:.0%}",
                         x["ratio_median"]] for x in r["rows"]])
+    if r.get("rungs"):
+        tie = TIE_BREAK_WORDS[r.get("tie_break") or "eval_loss"]
+        lines += ["", f"What ASHA has to go on, over the same curves: at each rung (and the last step), the share of "
+                      f"trials whose objective there is the commonest value (100%: all tie, and ASHA decides by "
+                      f"{tie} alone), and the rank correlation (Spearman) with each trial's peak objective of the "
+                      f"objective there, alone and with ties ordered by {tie} as ASHA orders them. Near 0: ASHA's "
+                      f"cut there is a coin toss; '-': every value equal.", ""]
+        lines += md_table(["step", "trials", "tied on the objective", "rank correlation: objective",
+                           "rank correlation: with the tie break"],
+                          [[x["step"], x["curves"], f"{x['tied']:.0%}",
+                            *("-" if x[k] is None else x[k] for k in ("corr_objective", "corr_with_tie_break"))]
+                           for x in r["rungs"]])
     return lines
 
 

@@ -214,6 +214,31 @@ def test_replay_summary_over_orders_and_budgets():
     assert r["curves"] == 4 and r["curves_above_zero"] == 1
 
 
+def test_rank_correlation_by_hand():
+    from bench.replay import ranks, spearman
+
+    assert ranks([3, 1, 2, 2]) == [4.0, 1.0, 2.5, 2.5]
+    assert spearman([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # ranks [1, 2.5, 2.5, 4] against [1, 2, 3, 4]: covariance 4.5, variances 4.5 and 5
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert spearman([0, 0, 0], [1, 2, 3]) is None  # a rung where every trial ties says nothing on its own
+    assert spearman([(0, -5), (0, -7), (0, -6)], [2, 3, 1]) == pytest.approx(-0.5)  # ordered as tuples
+
+
+def test_rung_signal_shows_ties_and_how_the_rung_order_predicts_the_peak():
+    from bench.replay import rung_signal
+
+    a = _curve([(4, 0.0, 5.0), (8, 0.5, 3.0)])
+    b = _curve([(4, 0.0, 7.0), (8, 0.9, 2.0)])
+    c = _curve([(4, 0.0, 6.0), (8, 0.0, 6.0)])
+    first, last = rung_signal([a, b, c], metric="val_f1", rungs=[4, 8], tie_break="eval_loss")
+    # step 4: all F1 0; ordered by eval loss (lower first) a > c > b, while the peaks order b > a > c
+    assert first == {"step": 4, "curves": 3, "tied": 1.0, "corr_objective": None, "corr_with_tie_break": -0.5}
+    assert last["tied"] == pytest.approx(0.333) and last["corr_objective"] == 1.0
+    assert rung_signal([a, b, c], metric="val_f1", rungs=[6]) == []  # no curve evaluated there
+
+
 def test_replay_reads_the_curves_of_trials_that_trained_to_the_end_from_a_real_tune_run(tmp_path):
     """A real (local, 1-CPU) Ray Tune run writes the experiment directory the benchmark's searches leave in runs/;
     the replay reads back each trial's evaluations, and only from trials that reached the last step."""
