@@ -239,9 +239,10 @@ def without_idle_dataset_manager(trainer: type) -> type:
     """`trainer` less the Ray Data actor it starts for a run without Ray Datasets.
 
     Ray Train's `DatasetsCallback` starts a `DatasetManager` actor for every run, datasets or none: one more process
-    per trial that imports Ray Data and shuts down unused: 1.2 s of CPU per trial (bench/README.md). Our
-    trials read the search's preprocessing cache, not Ray Datasets, so with no `datasets` the callback is left out
-    and nothing else changes. If Ray's trainer no longer builds its callbacks this way, `trainer` is used as is."""
+    per trial, which imports Ray Data and is shut down unused (1.2 s of CPU per trial; searches sharing 2 CPUs ended
+    5-9% sooner without it, bench/README.md). Our trials read the search's preprocessing cache, not Ray Datasets, so
+    with no `datasets` the callback is left out and nothing else changes. If Ray's trainer no longer builds its
+    callbacks this way, `trainer` is used as is."""
     if trainer not in _TRAINERS:
         try:
             from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
