@@ -163,9 +163,8 @@ def rung_signal(curves: Sequence[Curve], *, metric: str, rungs: Sequence[int],
     (what its trial ends as in the search: its best checkpoint) of the objective at the rung, alone and with ties
     ordered by `tie_break`, as ASHA orders them. A correlation near 0 means ASHA's cut there is a coin toss; None
     means the rung's values were all equal."""
-    from trainables.metrics import TIE_BREAKS
+    from search.resilience import tie_broken
 
-    lower_is_better = TIE_BREAKS.get(tie_break, False) if tie_break else False
     rows = []
     for rung in rungs:
         at = [(c, next((r for r in c if r["step"] == rung), None)) for c in curves]
@@ -177,9 +176,9 @@ def rung_signal(curves: Sequence[Curve], *, metric: str, rungs: Sequence[int],
         rows.append({"step": rung, "curves": len(at),
                      "tied": round(max(values.count(v) for v in values) / len(values), 3),
                      "corr_objective": _round(spearman(values, peaks)),
-                     "corr_with_tie_break": _round(spearman(
-                         [(r[metric], (-1 if lower_is_better else 1) * r.get(tie_break, 0.0) if tie_break else 0.0)
-                          for _, r in at], peaks))})
+                     # the value ASHA ranks: the objective nudged by the tie break (search.resilience.ASHA)
+                     "corr_with_tie_break": _round(spearman([tie_broken(r, metric, 1, tie_break)[metric]
+                                                             for _, r in at], peaks))})
     return rows
 
 

@@ -8,6 +8,7 @@ run options are bound once with `tune.with_parameters`, never copied into every 
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
@@ -232,9 +233,7 @@ def trainer_class(resources: TrialResources):
     return without_idle_dataset_manager(DataParallelTrainer)
 
 
-_TRAINERS: dict[type, type] = {}
-
-
+@functools.cache
 def without_idle_dataset_manager(trainer: type) -> type:
     """`trainer` less the Ray Data actor it starts for a run without Ray Datasets.
 
@@ -243,24 +242,22 @@ def without_idle_dataset_manager(trainer: type) -> type:
     5-9% sooner without it, bench/README.md). Our trials read the search's preprocessing cache, not Ray Datasets, so
     with no `datasets` the callback is left out and nothing else changes. If Ray's trainer no longer builds its
     callbacks this way, `trainer` is used as is."""
-    if trainer not in _TRAINERS:
-        try:
-            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-        except ImportError:
-            DatasetsCallback = None
-        if DatasetsCallback is None or not hasattr(trainer, "_create_default_callbacks"):
-            _TRAINERS[trainer] = trainer  # a Ray that changed this: keep Ray's behaviour
-        else:
-            def _create_default_callbacks(self):
-                callbacks = super(cls, self)._create_default_callbacks()
-                if self.datasets:
-                    return callbacks
-                return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    except ImportError:
+        return trainer  # a Ray that changed this: keep Ray's behaviour
+    if not hasattr(trainer, "_create_default_callbacks"):
+        return trainer
 
-            cls = type(trainer.__name__, (trainer,), {"_create_default_callbacks": _create_default_callbacks,
-                                                      "__module__": __name__, "__doc__": trainer.__doc__})
-            _TRAINERS[trainer] = cls
-    return _TRAINERS[trainer]
+    class Trainer(trainer):
+        __doc__ = trainer.__doc__
+
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer.__name__
+    return Trainer
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialResources,
