@@ -442,6 +442,8 @@ def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
              "--set", f"searcher.seed={seed}", "--set", f"space={p2_space(b)}",
              "--set", f"searcher.algorithm={'tpe' if tpe_asha else 'random'}",
              "--set", f"scheduler.type={'asha' if tpe_asha else 'none'}"]
+    if batch := getattr(b.args, "p2_batch_size", None):  # reports from before --p2-batch-size lack it
+        extra += ["--set", f"trial.optim.batch_size={batch}"]
     if tpe_asha:
         extra += ["--set", f"scheduler.reduction_factor={b.args.reduction_factor}"]
         if key := getattr(b.args, "tie_break", None):  # the settings of reports from before --tie-break lack it
@@ -450,7 +452,13 @@ def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
             extra += ["--set", f"searcher.n_startup_trials={b.args.p2_startup_trials}"]
     if b.args.p2_eval_at_rungs:  # both evaluate at the rungs TPE + ASHA's trials evaluate at (scheduler.eval_at_rungs)
         extra += ["--set", f"trial.eval.at_steps={p2_rungs(b.args)}"]
-    return extra
+    return extra + [a for kv in getattr(b.args, "p2_set", None) or [] for a in ("--set", kv)]
+
+
+def p2_batch(settings: dict[str, Any]) -> int:
+    """The batch size of a run's P2 trials: `--p2-batch-size`, else a `--p2-set` of it, else the search's default."""
+    sets = dict(kv.split("=", 1) for kv in settings.get("p2_set") or [])
+    return int(settings.get("p2_batch_size") or sets.get("trial.optim.batch_size") or 16)
 
 
 def p2_rungs(args: argparse.Namespace) -> list[int]:
@@ -812,7 +820,7 @@ def markdown(report: dict[str, Any]) -> str:
             cpus = p2_cpus(report["machine"].get("cpus"), st.get("p2_concurrency", 2), not apart)
             rungs = [str(r) for r in p2_rungs(argparse.Namespace(**st))]
             lines += [f"Each search: {st['p2_trials']} trials, {st.get('p2_concurrency', 2)} at a time ({cpus} CPU "
-                      f"each), of {st['p2_steps']} steps with an evaluation of {st['p2_eval_examples']} validation "
+                      f"each), of {st['p2_steps']} steps of batch {p2_batch(st)} with an evaluation of {st['p2_eval_examples']} validation "
                       + (f"messages at ASHA's rungs and the last step (both strategies, `--p2-eval-at-rungs`), on "
                          if st.get("p2_eval_at_rungs") else f"messages every {every} steps, on ")
                       + f"`{st['p2_space']}`. TPE starts with "
@@ -924,19 +932,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p1-before", action="store_true", help="Also time P1's trial as it was before the per-trial "
                     "cost was cut (bench/README.md; about 4 minutes more).")
     # P2's defaults are sized for the whole benchmark to take under 40 minutes on 2 cores with native bf16 (an Intel
-    # Xeon with AMX, bench/README.md): per seed, the two searches side by side, each 6 trials of 24 steps one at a
-    # time on 1 CPU, an evaluation every 4 steps (ASHA's rungs at steps 4 and 12); a full trial then takes about 90 s.
+    # Xeon with AMX, bench/README.md): per seed, the two searches side by side, each 12 trials of 96 steps of batch 4
+    # one at a time on 1 CPU, evaluated at ASHA's rungs (steps 16 and 48) and the end; a full trial then takes about
+    # 25 s and a seed about 5.5 minutes. Batch 4 rather than the search's 16: the tiny model learns from 4 times fewer
+    # messages in as many steps, so P2's short trials score (bench/README.md, "Session of 2026-12-05, 05:39-08:39").
     # On a 2-core AVX2 machine a step is several times slower (bench/README.md): give P2 longer there.
-    ap.add_argument("--p2-steps", type=int, default=24)
+    ap.add_argument("--p2-steps", type=int, default=96)
+    ap.add_argument("--p2-batch-size", type=int, default=4, help="Per-worker batch size of every P2 trial (both "
+                    "strategies).")
     ap.add_argument("--p2-space", default=WIDE_SPACE, help=f"P2's search space (default {WIDE_SPACE}); 'cold': "
                     f"{SPACE} without its warm-start point.")
-    ap.add_argument("--p2-trials", type=int, default=6)
+    ap.add_argument("--p2-trials", type=int, default=12)
     ap.add_argument("--p2-seeds", type=int, default=3)
     ap.add_argument("--p2-evals", type=int, default=6, help="Evaluations per P2 trial (ASHA's rungs are at the "
                     "first, then every reduction-factor times as many steps).")
-    ap.add_argument("--p2-eval-examples", type=int, default=64, help="Validation examples per P2 evaluation.")
-    ap.add_argument("--p2-eval-at-rungs", action="store_true", help="Both P2 strategies evaluate only at ASHA's "
-                    "rungs and at the end (scheduler.eval_at_rungs), not every --p2-steps / --p2-evals steps.")
+    ap.add_argument("--p2-eval-examples", type=int, default=128, help="Validation examples per P2 evaluation.")
+    ap.add_argument("--p2-eval-at-rungs", action=argparse.BooleanOptionalAction, default=True, help="Both P2 "
+                    "strategies evaluate only at ASHA's rungs and at the end (scheduler.eval_at_rungs), not every "
+                    "--p2-steps / --p2-evals steps.")
+    ap.add_argument("--p2-set", action="append", metavar="KEY=VALUE", help="A search setting for both strategies' "
+                    "P2 searches (repeatable), e.g. trial.optim.lr_scheduler=constant.")
     ap.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor in P2.")
     ap.add_argument("--tie-break", choices=("eval_loss", "val_ap"), help="What orders TPE + ASHA's trials whose "
                     "F1 ties, at a rung and for TPE (scheduler.tie_break and searcher.tie_break; default: the "

@@ -299,6 +299,21 @@ def test_p2_eval_at_rungs_gives_both_strategies_the_rungs_asha_decides_at():
     args.tie_break = "val_ap"
     assert {"scheduler.tie_break=val_ap", "searcher.tie_break=val_ap"} <= set(strategy_sets(b, 0, True))
     assert not any("tie_break" in x for x in strategy_sets(b, 0, False))
+    # --p2-batch-size and --p2-set reach both strategies alike, after the benchmark's own settings (so they win)
+    assert not any("batch_size" in x for x in sets[True] + sets[False])
+    args.p2_batch_size, args.p2_set = 4, ["trial.optim.lr_scheduler=constant"]
+    for tpe_asha in (True, False):
+        extra = strategy_sets(b, 0, tpe_asha)
+        assert "trial.optim.batch_size=4" in extra
+        assert extra[-2:] == ["--set", "trial.optim.lr_scheduler=constant"]
+
+
+def test_the_report_names_p2s_batch_size_from_the_flag_a_p2_set_or_the_searchs_default():
+    from bench.run import p2_batch
+
+    assert p2_batch({"p2_batch_size": 4}) == 4
+    assert p2_batch({"p2_set": ["searcher.seed=1", "trial.optim.batch_size=8"]}) == 8  # runs before the flag
+    assert p2_batch({}) == 16  # reports from before either: TrialSettings' default
 
 
 def test_model_flops_per_token_by_hand_and_against_the_models_own_linear_layers():
