@@ -457,8 +457,11 @@ def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
 
 def p2_batch(settings: dict[str, Any]) -> int:
     """The batch size of a run's P2 trials: `--p2-batch-size`, else a `--p2-set` of it, else the search's default."""
+    from trainables.settings import OptimSettings
+
     sets = dict(kv.split("=", 1) for kv in settings.get("p2_set") or [])
-    return int(settings.get("p2_batch_size") or sets.get("trial.optim.batch_size") or 16)
+    return int(settings.get("p2_batch_size") or sets.get("trial.optim.batch_size")
+               or OptimSettings.model_fields["batch_size"].default)
 
 
 def p2_rungs(args: argparse.Namespace) -> list[int]:
@@ -820,7 +823,8 @@ def markdown(report: dict[str, Any]) -> str:
             cpus = p2_cpus(report["machine"].get("cpus"), st.get("p2_concurrency", 2), not apart)
             rungs = [str(r) for r in p2_rungs(argparse.Namespace(**st))]
             lines += [f"Each search: {st['p2_trials']} trials, {st.get('p2_concurrency', 2)} at a time ({cpus} CPU "
-                      f"each), of {st['p2_steps']} steps of batch {p2_batch(st)} with an evaluation of {st['p2_eval_examples']} validation "
+                      f"each), of {st['p2_steps']} steps of batch {p2_batch(st)} with an evaluation of "
+                      f"{st['p2_eval_examples']} validation "
                       + (f"messages at ASHA's rungs and the last step (both strategies, `--p2-eval-at-rungs`), on "
                          if st.get("p2_eval_at_rungs") else f"messages every {every} steps, on ")
                       + f"`{st['p2_space']}`. TPE starts with "
