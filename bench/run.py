@@ -937,9 +937,10 @@ def main(argv: list[str] | None = None) -> int:
                     "cost was cut (bench/README.md; about 4 minutes more).")
     # P2's defaults are sized for the whole benchmark to take under 40 minutes on 2 cores with native bf16 (an Intel
     # Xeon with AMX, bench/README.md): per seed, the two searches side by side, each 12 trials of 96 steps of batch 4
-    # one at a time on 1 CPU, evaluated at ASHA's rungs (steps 16 and 48) and the end; a full trial then takes about
-    # 25 s and a seed about 5.5 minutes. Batch 4 rather than the search's 16: the tiny model learns from 4 times fewer
-    # messages in as many steps, so P2's short trials score (bench/README.md, "Session of 2026-12-05, 05:39-08:39").
+    # one at a time on 1 CPU, evaluated on the whole validation split at ASHA's rungs (steps 16 and 48) and the end;
+    # a full trial then takes about 34 s and a seed about 8 minutes. Batch 4 rather than the search's 16: the tiny
+    # model learns from 4 times fewer messages in as many steps, so P2's short trials score (bench/README.md,
+    # "Session of 2026-12-05, 05:39-08:39").
     # On a 2-core AVX2 machine a step is several times slower (bench/README.md): give P2 longer there.
     ap.add_argument("--p2-steps", type=int, default=96)
     ap.add_argument("--p2-batch-size", type=int, default=4, help="Per-worker batch size of every P2 trial (both "
