@@ -136,3 +136,78 @@ def test_a_run_without_ray_datasets_starts_no_dataset_manager(tmp_path):
     finally:
         ray.shutdown()
     assert started == {"ours": 0, "ray": 1}
+
+
+def _die_at_first_start(config):
+    """Train loop: records each worker start; the first worker dies while training, as a killed process does."""
+    import os
+    import time
+
+    starts = Path(config["dir"])
+    n = len(list(starts.glob("start-*")))
+    (starts / f"start-{n}").touch()
+    if n == 0:
+        time.sleep(3)  # past the worker group's start
+        os._exit(1)
+
+
+def test_the_workers_of_a_dead_trial_are_not_restarted(tmp_path):
+    """When Tune stops a trial, Ray kills the Train controller the trial actor owned; a controller that saw its
+    workers die in that window restarted them, and the placement group it asked for outlived it (bench/README.md,
+    2026-12-05, item 4). With the trial actor dead, `stop_with_trial` fails the run instead: one worker start, one
+    placement group. With the trial actor alive, Train restarts the workers as `max_failures` allows (the control)."""
+    import sys
+    import time
+
+    import ray
+    import ray.cloudpickle
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.util import placement_group_table
+    from ray.util.state import get_actor
+
+    from search.driver import start_local_ray
+    from trainables.ray_trainable import TrialGone, TrialResources, _error_chain, stop_with_trial, trainer_class
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    start_local_ray(2)
+
+    @ray.remote(num_cpus=0)
+    class Trial:  # stands for Tune's trial actor, which starts the Train run
+        def ready(self):
+            return True
+
+    def run(name: str, trial_actor_id: str):
+        starts = tmp_path / name
+        starts.mkdir()
+        groups_before = len(placement_group_table())
+        error = None
+        try:
+            trainer_class(TrialResources())(
+                _die_at_first_start, train_loop_config={"dir": str(starts)},
+                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                run_config=RunConfig(name=name, storage_path=str(tmp_path / "runs"),
+                                     callbacks=[stop_with_trial(trial_actor_id)],
+                                     failure_config=FailureConfig(max_failures=2))).fit()
+        except Exception as e:  # Train raises the run's error from fit()
+            error = e
+        return len(list(starts.glob("start-*"))), len(placement_group_table()) - groups_before, error
+
+    try:
+        alive, dead = Trial.remote(), Trial.remote()
+        ray.get([alive.ready.remote(), dead.ready.remote()])
+        dead_id = dead._actor_id.hex()
+        ray.kill(dead)
+        deadline = time.time() + 60
+        while (get_actor(dead_id) or {"state": "DEAD"})["state"] != "DEAD" and time.time() < deadline:
+            time.sleep(0.5)
+
+        starts, groups, error = run("alive", alive._actor_id.hex())
+        assert (starts, groups, error) == (2, 2, None)  # restarted in a new placement group, then trained
+
+        starts, groups, error = run("dead", dead_id)
+        assert (starts, groups) == (1, 1)  # failed at the first worker death: no second group was asked for
+        assert error is not None and any(isinstance(e, TrialGone) for e in _error_chain(error)), error
+        leftover = [g for g in placement_group_table().values() if g.get("state") == "CREATED"]
+        assert leftover == []
+    finally:
+        ray.shutdown()

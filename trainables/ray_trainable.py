@@ -155,6 +155,44 @@ def fail_on_out_of_memory():
     return FailOnOutOfMemory()
 
 
+class TrialGone(RuntimeError):
+    """The Tune trial that started a Train run is gone: its workers are not restarted (`stop_with_trial`)."""
+
+
+def stop_with_trial(trial_actor_id: str | None, timeout_s: float = 5.0):
+    """A Ray Train callback that fails the run, instead of restarting its worker group, when the Tune trial actor
+    that started it (`trial_actor_id`) is dead.
+
+    When Tune stops a trial (ASHA, a stop criterion, the end of the search), Ray kills the actors the trial owned:
+    the Train controller gets SIGTERM, then SIGKILL 200 ms later. In that window the controller could see its workers
+    die, restart the worker group under `FailureConfig(max_failures=...)` and ask for a new placement group, which
+    the GCS created after the controller was dead. Train's placement-group cleaner only learns of a group once its
+    worker group started, so that group held its CPU (or GPU) until the search's job ended: the next trials waited
+    for it (bench/README.md, 2026-12-05, item 4). A worker failure is where this callback runs; it asks Ray's state
+    API (served by the dashboard, which Train's cleaner needs too) whether the trial actor is dead. The trial's ID is
+    passed, not its handle: a handle held here would keep the trial actor, and so this run, alive. Where the state
+    API cannot answer, Ray's behaviour is kept."""
+    from ray.train import UserCallback
+
+    class StopWithTrial(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            if trial_actor_id and _actor_dead(trial_actor_id, timeout_s):
+                raise TrialGone(f"the Tune trial actor {trial_actor_id} that started this run is dead: "
+                                "not restarting its workers")
+
+    return StopWithTrial()
+
+
+def _actor_dead(actor_id: str, timeout_s: float) -> bool:
+    from ray.util.state import get_actor
+
+    try:
+        state = get_actor(actor_id, timeout=timeout_s)
+    except Exception:  # the state API is down or slow: no answer, so not known dead
+        return False
+    return state is None or state.state == "DEAD"
+
+
 def error_line(error: BaseException | str) -> str:
     """The line of a trial's error to show: a `TrialOutOfMemory`'s own message, found through the errors Tune and
     Train wrap it in (Tune's task error, Train's controller error), else the first line."""
@@ -270,6 +308,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
     import time
 
     entered = time.time()
+    import ray
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -297,10 +336,12 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], resources: TrialR
             name=f"train-{trial_id}",
             storage_path=storage_path,
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
-            callbacks=[tune_report_callback(storage_path), fail_on_out_of_memory()],
+            callbacks=[tune_report_callback(storage_path), fail_on_out_of_memory(),
+                       stop_with_trial(ray.get_runtime_context().get_actor_id())],
             # Bounded retries for workers that die while training and for worker groups that die while starting
             # (Ray retries the latter forever by default): a trial that keeps failing fails, visibly. Running out of
-            # GPU memory is not retried (fail_on_out_of_memory).
+            # GPU memory is not retried (fail_on_out_of_memory), nor are the workers of a trial Tune stopped
+            # (stop_with_trial).
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=objective[0] if objective else None,
