@@ -595,7 +595,7 @@ def p2(b: Bench) -> dict[str, Any]:
     # The built-in model, once, before any search: on a new checkout (`--only p2`) both searches of seed 0 would
     # otherwise build it at once, inside the wall time their time-to-best counts from (2026-12-04: 381 s each).
     resolve_model(load_config(CONFIG, [f"model_cache={ROOT / '.cache'}"]))
-    seeds = list(range(b.args.p2_seeds))
+    seeds = list(range(b.args.p2_first_seed, b.args.p2_first_seed + b.args.p2_seeds))
     per_seed, runs = [], []
     for seed in seeds:
         pair = seed_runs(b, seed)
@@ -949,6 +949,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{SPACE} without its warm-start point.")
     ap.add_argument("--p2-trials", type=int, default=12)
     ap.add_argument("--p2-seeds", type=int, default=3)
+    ap.add_argument("--p2-first-seed", type=int, default=0, help="P2's seeds are this one and the next "
+                    "--p2-seeds - 1 (e.g. one more seed for an earlier run's seeds 0 and 1: --p2-first-seed 2 "
+                    "--p2-seeds 1).")
     ap.add_argument("--p2-evals", type=int, default=6, help="Evaluations per P2 trial (ASHA's rungs are at the "
                     "first, then every reduction-factor times as many steps).")
     ap.add_argument("--p2-eval-examples", type=int, default=516, help="Validation examples per P2 evaluation (default "

@@ -1,0 +1,58 @@
+"""P2 at smaller trial budgets, read off a P2 run's recorded searches: each search cut after its first N trials.
+
+A search's first N trials do not depend on its later ones (one trial at a time; TPE draws from earlier results only),
+so each cut is what an N-trial search of the same seed would have run. Its wall time is taken as the end of its Nth
+trial plus the search's own tail after its last trial; the times of the trials are those of the 24-trial run, where
+the other search of the seed ran beside them until it ended, so they are close to, not exactly, an N-trial run's.
+
+    python bench/results/2026-12-05-p2-24-trials-stop-with-trial/budget.py RUN_DIR [RUN_DIR ...]
+"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from bench.run import best_so_far_curve, time_to_reach, within  # noqa: E402
+from search.report import trial_histories  # noqa: E402
+
+
+def cut(run: Path, name: str, report: dict, n: int) -> tuple[list, float]:
+    s = json.loads((run / "runs" / name / "summary.json").read_text())
+    hist = trial_histories(run / "runs" / name, s["objective"]["metric"])
+    # the report's curve is in seconds since the search command started: find that origin from its first point
+    first = min(r["timestamp"] for rows in hist.values() for r in rows if r["value"] is not None)
+    origin = first - report[name]["curve"][0][0]
+    trials = sorted(s["trials"], key=lambda t: t["timing"]["started_at"])
+    kept = trials[:n]
+    tail = report[name]["wall_seconds"] - (max(t["timing"]["ended_at"] for t in trials) - origin)
+    curve = best_so_far_curve({t["trial_id"]: hist.get(t["trial_id"], []) for t in kept}, origin, "max")
+    return curve, max(t["timing"]["ended_at"] for t in kept) - origin + tail
+
+
+def main() -> None:
+    for run in map(Path, sys.argv[1:]):
+        report = {x["name"]: x for x in json.loads((run / "report.json").read_text())["p2"]["runs"]}
+        seeds = sorted({x["seed"] for x in report.values()})
+        trials = json.loads((run / "report.json").read_text())["settings"]["p2_trials"]
+        print(f"{run}: seeds {seeds}")
+        print("| trials | " + " | ".join(f"seed {s}: ratio (random's wall, s)" for s in seeds) + " | median |")
+        print("|---" * (len(seeds) + 2) + "|")
+        for n in range(12, trials + 1, 2):
+            cells, ratios = [], []
+            for seed in seeds:
+                got = {k: cut(run, f"p2-{k}-seed{seed}", report, n) for k in ("tpe_asha", "random_fifo")}
+                target = within(max(c[-1][1] for c, _ in got.values()), "max")
+                t = {k: time_to_reach(c, target, "max") for k, (c, _) in got.items()}
+                secs = {k: t[k] if t[k] is not None else got[k][1] for k in got}
+                ratio = secs["random_fifo"] / secs["tpe_asha"]
+                mark = "<" if t["tpe_asha"] is None else (">" if t["random_fifo"] is None else "")
+                ratios.append(ratio)
+                cells.append(f"{mark}{ratio:.2f} ({got['random_fifo'][1]:.0f})")
+            print(f"| {n} | " + " | ".join(cells) + f" | {statistics.median(ratios):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
