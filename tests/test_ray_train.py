@@ -173,8 +173,8 @@ def test_the_workers_of_a_dead_trial_are_not_restarted(tmp_path):
 
     @ray.remote(num_cpus=0)
     class Trial:  # stands for Tune's trial actor, which starts the Train run
-        def ready(self):
-            return True
+        def actor_id(self):
+            return ray.get_runtime_context().get_actor_id()
 
     def run(name: str, trial_actor_id: str):
         starts = tmp_path / name
@@ -194,14 +194,13 @@ def test_the_workers_of_a_dead_trial_are_not_restarted(tmp_path):
 
     try:
         alive, dead = Trial.remote(), Trial.remote()
-        ray.get([alive.ready.remote(), dead.ready.remote()])
-        dead_id = dead._actor_id.hex()
+        alive_id, dead_id = ray.get([alive.actor_id.remote(), dead.actor_id.remote()])
         ray.kill(dead)
         deadline = time.time() + 60
         while (get_actor(dead_id) or {"state": "DEAD"})["state"] != "DEAD" and time.time() < deadline:
             time.sleep(0.5)
 
-        starts, groups, error = run("alive", alive._actor_id.hex())
+        starts, groups, error = run("alive", alive_id)
         assert (starts, groups, error) == (2, 2, None)  # restarted in a new placement group, then trained
 
         starts, groups, error = run("dead", dead_id)
