@@ -15,42 +15,49 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from bench.run import best_so_far_curve, time_to_reach, within  # noqa: E402
+from bench.run import best_so_far_curve, compare  # noqa: E402
 from search.report import trial_histories  # noqa: E402
 
 
-def cut(run: Path, name: str, report: dict, n: int) -> tuple[list, float]:
+def load(run: Path, name: str, report: dict) -> dict:
+    """One search, read once: its trials in start order, their histories, and when its command started and ended."""
     s = json.loads((run / "runs" / name / "summary.json").read_text())
     hist = trial_histories(run / "runs" / name, s["objective"]["metric"])
     # the report's curve is in seconds since the search command started: find that origin from its first point
     first = min(r["timestamp"] for rows in hist.values() for r in rows if r["value"] is not None)
     origin = first - report[name]["curve"][0][0]
     trials = sorted(s["trials"], key=lambda t: t["timing"]["started_at"])
-    kept = trials[:n]
-    tail = report[name]["wall_seconds"] - (max(t["timing"]["ended_at"] for t in trials) - origin)
-    curve = best_so_far_curve({t["trial_id"]: hist.get(t["trial_id"], []) for t in kept}, origin, "max")
-    return curve, max(t["timing"]["ended_at"] for t in kept) - origin + tail
+    tail = report[name]["wall_seconds"] - (trials[-1]["timing"]["ended_at"] - origin)
+    return {"trials": trials, "hist": hist, "origin": origin, "tail": tail}
+
+
+def cut(search: dict, n: int) -> dict:
+    """The search after its first `n` trials, as `bench.run.compare` reads a search."""
+    kept = search["trials"][:n]
+    curve = best_so_far_curve({t["trial_id"]: search["hist"].get(t["trial_id"], []) for t in kept},
+                              search["origin"], "max")
+    wall = max(t["timing"]["ended_at"] for t in kept) - search["origin"] + search["tail"]
+    return {"curve": curve, "best_value": curve[-1][1], "wall_seconds": wall}
 
 
 def main() -> None:
     for run in map(Path, sys.argv[1:]):
-        report = {x["name"]: x for x in json.loads((run / "report.json").read_text())["p2"]["runs"]}
+        full = json.loads((run / "report.json").read_text())
+        report = {x["name"]: x for x in full["p2"]["runs"]}
         seeds = sorted({x["seed"] for x in report.values()})
-        trials = json.loads((run / "report.json").read_text())["settings"]["p2_trials"]
+        searches = {(seed, k): load(run, f"p2-{k}-seed{seed}", report)
+                    for seed in seeds for k in ("tpe_asha", "random_fifo")}
         print(f"{run}: seeds {seeds}")
         print("| trials | " + " | ".join(f"seed {s}: ratio (random's wall, s)" for s in seeds) + " | median |")
         print("|---" * (len(seeds) + 2) + "|")
-        for n in range(12, trials + 1, 2):
+        for n in range(12, full["settings"]["p2_trials"] + 1, 2):
             cells, ratios = [], []
             for seed in seeds:
-                got = {k: cut(run, f"p2-{k}-seed{seed}", report, n) for k in ("tpe_asha", "random_fifo")}
-                target = within(max(c[-1][1] for c, _ in got.values()), "max")
-                t = {k: time_to_reach(c, target, "max") for k, (c, _) in got.items()}
-                secs = {k: t[k] if t[k] is not None else got[k][1] for k in got}
-                ratio = secs["random_fifo"] / secs["tpe_asha"]
-                mark = "<" if t["tpe_asha"] is None else (">" if t["random_fifo"] is None else "")
-                ratios.append(ratio)
-                cells.append(f"{mark}{ratio:.2f} ({got['random_fifo'][1]:.0f})")
+                got = {k: cut(searches[seed, k], n) for k in ("tpe_asha", "random_fifo")}
+                c = compare(got, "max")
+                mark = {"lower": ">", "upper": "<"}.get(c["bound"], "")
+                ratios.append(c["ratio"])
+                cells.append(f"{mark}{c['ratio']:.2f} ({got['random_fifo']['wall_seconds']:.0f})")
             print(f"| {n} | " + " | ".join(cells) + f" | {statistics.median(ratios):.2f} |")
 
 
