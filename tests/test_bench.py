@@ -475,3 +475,36 @@ def test_a_search_whose_curve_is_not_its_own_trials_is_left_out_of_the_ratio():
     assert c["ratio"] is None and c["excluded"] == error and c["tpe_asha"] is None
     seeds = [c, {"ratio": 2.0, "bound": None}, {"ratio": 1.0, "bound": None}]
     assert median_ratio(seeds) == (1.5, None)  # over the two readable seeds
+
+
+def test_p2_first_seed_runs_the_seeds_from_it_and_hands_each_to_both_searches(monkeypatch):
+    """`--p2-first-seed 2 --p2-seeds 2` (one more seed for an earlier run) runs seeds 2 and 3, each search told its
+    seed; the searches themselves are replaced by their figures (no Ray here: what is under test is which seeds)."""
+    import argparse
+
+    import bench.run as br
+
+    args = argparse.Namespace(p2_trials=6, p2_concurrency=1, p2_apart=False, p2_space="bench/space-wide.yaml",
+                              p2_steps=72, p2_evals=18, reduction_factor=3.0, p2_eval_at_rungs=True,
+                              p2_startup_trials=None, p2_seeds=2, p2_first_seed=2)
+    b = argparse.Namespace(args=args, out=None)
+    told = []
+
+    def seed_runs(bench, seed):
+        searcher_seeds = set()
+        for tpe_asha in (True, False):
+            sets = br.strategy_sets(bench, seed, tpe_asha)
+            searcher_seeds |= {x.split("=", 1)[1] for x in sets if x.startswith("searcher.seed=")}
+        told.append((seed, searcher_seeds))
+        run = {"best_value": 0.5, "curve": [(10.0, 0.5)], "wall_seconds": 10.0, "steps_run": 72, "steps_full": 72,
+               "fixed_seconds": [], "work_seconds_full": [], "best_stopped_early": False, "seed": seed,
+               "mlflow_seconds": 0.0, "search_wall_seconds": 10.0, "data": []}
+        return {key: {**run, "name": f"p2-{key}-seed{seed}"} for key in ("tpe_asha", "random_fifo")}
+
+    monkeypatch.setattr(br, "seed_runs", seed_runs)
+    monkeypatch.setattr("search.driver.resolve_model", lambda cfg: None)
+    report = br.p2(b)
+    assert told == [(2, {"2"}), (3, {"3"})]
+    assert [s["seed"] for s in report["seeds"]] == [2, 3]
+    assert [r["name"] for r in report["runs"]] == ["p2-tpe_asha-seed2", "p2-random_fifo-seed2",
+                                                   "p2-tpe_asha-seed3", "p2-random_fifo-seed3"]
