@@ -313,23 +313,31 @@ def test_metrics(adapter_dir: str) -> dict[str, float]:
     return task_test_metrics(adapter_dir)
 
 
-def release_leftover_placement_groups() -> int:
-    """Remove this job's placement groups still held after Tuner.fit() returned; returns how many.
+def release_leftover_placement_groups(grace_s: float = 10.0) -> int:
+    """Remove this job's placement groups still held `grace_s` after Tuner.fit() returned; returns how many.
 
-    Every trial has ended by then, so a placement group of this job still CREATED is a leak: Ray Train's cleaner did
-    not free the workers of a trial whose controller failed (seen when worker groups timed out under heavy load),
-    and the test evaluation that follows would wait forever for its CPU. Other jobs' groups are left alone."""
+    Every trial has ended by then. The workers' group of a trial stopped just before the end is still CREATED for a
+    few seconds, until Ray Train's cleaner (which checks every second) sees its controller gone and removes it:
+    that is waited for, not counted. A group still CREATED after the grace is a leak (seen when worker groups timed
+    out under heavy load, Train's cleaner not told of them), and the test evaluation that follows would wait
+    forever for its CPU. Other jobs' groups are left alone."""
     import ray
     from ray.util import placement_group_table, remove_placement_group
     from ray.util.placement_group import PlacementGroup
 
     job = ray.get_runtime_context().get_job_id()
-    leftover = [pid for pid, pg in placement_group_table().items()
-                if pid.endswith(job) and pg.get("state") == "CREATED"]
+
+    def held() -> list[str]:
+        return [pid for pid, pg in placement_group_table().items() if pid.endswith(job) and pg.get("state") == "CREATED"]
+
+    deadline = time.monotonic() + grace_s
+    while (leftover := held()) and time.monotonic() < deadline:
+        time.sleep(0.5)
     for pid in leftover:
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pid))))
     if leftover:
-        log.warning("freed %d placement group(s) that ended trials still held", len(leftover))
+        log.warning("freed %d placement group(s) that ended trials still held %g s after the search ended",
+                    len(leftover), grace_s)
     return len(leftover)
 
 
