@@ -32,7 +32,7 @@ STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR
 def quiet_libraries(verbose: bool) -> None:
     """Library logs off by default (MLflow's database setup, Optuna's study notices, bitsandbytes' CPU kernel
     notices, which come through the `kernels` package's logger where that is installed: transformers 5.25 pulls it
-    in); `--verbose` leaves them as the libraries set them. Call before those libraries are imported."""
+    in; Ray's notice that token authentication is on); `--verbose` leaves them as the libraries set them. Call before those libraries are imported."""
     if verbose:
         return
     import logging
@@ -42,6 +42,10 @@ def quiet_libraries(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray's notice that a new local cluster has token authentication on, its default. Its warning that a cluster
+    # runs *without* it (RAY_AUTH_MODE=disabled) stays.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: not record.getMessage().startswith("Token authentication is enabled"))
     try:
         import optuna
 

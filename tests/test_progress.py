@@ -230,3 +230,16 @@ def test_a_real_search_prints_the_table_and_summary_without_library_noise(small_
     for noise in ("Configuration for experiment", "Trial status:", "Trial run_trial", "result ──",
                   "INFO mlflow", "A new study created", "Failed to load CPU gemm_4bit_forward"):
         assert noise not in stdout, noise
+
+
+def test_quiet_libraries_drops_rays_token_auth_notice_but_keeps_its_warning_that_auth_is_off(caplog):
+    from ray._private.authentication import authentication_token_setup as auth
+
+    from search.progress import quiet_libraries
+
+    quiet_libraries(verbose=False)
+    with caplog.at_level("WARNING"):
+        auth._warn_token_auth_enabled()  # what ray.init logs for a new local cluster, token auth on by default
+        auth._warn_token_auth_disabled()  # RAY_AUTH_MODE=disabled: anyone on the network can run code
+    assert "Token authentication is enabled" not in caplog.text
+    assert "Token authentication is disabled" in caplog.text
