@@ -483,7 +483,9 @@ class SharedRay:
         import ray
 
         from search.driver import start_local_ray
+        from search.progress import hide_token_auth_notice
 
+        hide_token_auth_notice()
         # the searches started from this process inherit the dashboard's address it sets (RAY_API_SERVER_ADDRESS)
         start_local_ray(cpus, log_to_driver=False, logging_level="WARNING", configure_logging=False)
         self.address = ray.get_runtime_context().gcs_address

@@ -42,16 +42,25 @@ def quiet_libraries(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    # Ray's notice that a new local cluster has token authentication on, its default. Its warning that a cluster
-    # runs *without* it (RAY_AUTH_MODE=disabled) stays.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-        lambda record: not record.getMessage().startswith("Token authentication is enabled"))
+    hide_token_auth_notice()
     try:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     except ImportError:
         pass
+
+
+def _not_token_auth_notice(record) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def hide_token_auth_notice() -> None:
+    """Drop Ray's notice that a new local cluster has token authentication on (its default) from this process's logs.
+    Its warning that a cluster runs *without* it (RAY_AUTH_MODE=disabled) stays."""
+    import logging
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_token_auth_notice)
 
 
 def short_names(keys: Iterable[str]) -> dict[str, str]:
