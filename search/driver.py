@@ -328,7 +328,8 @@ def release_leftover_placement_groups(grace_s: float = 10.0) -> int:
     job = ray.get_runtime_context().get_job_id()
 
     def held() -> list[str]:
-        return [pid for pid, pg in placement_group_table().items() if pid.endswith(job) and pg.get("state") == "CREATED"]
+        return [pid for pid, pg in placement_group_table().items()
+                if pid.endswith(job) and pg.get("state") == "CREATED"]
 
     deadline = time.monotonic() + grace_s
     while (leftover := held()) and time.monotonic() < deadline:

@@ -32,7 +32,8 @@ STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR
 def quiet_libraries(verbose: bool) -> None:
     """Library logs off by default (MLflow's database setup, Optuna's study notices, bitsandbytes' CPU kernel
     notices, which come through the `kernels` package's logger where that is installed: transformers 5.25 pulls it
-    in; Ray's notice that token authentication is on); `--verbose` leaves them as the libraries set them. Call before those libraries are imported."""
+    in; Ray's notice that token authentication is on); `--verbose` leaves them as the libraries set them. Call
+    before those libraries are imported."""
     if verbose:
         return
     import logging
