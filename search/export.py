@@ -28,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true", help="Also write merged/: base + adapter folded into one model "
                    "in the trial's dtype (bf16 or fp32), loadable with plain transformers.")
     p.add_argument("--examples", type=int, default=5, help="How many test examples to predict after export.")
+    p.add_argument("--verbose", action="store_true", help="Show library logs, warnings and loading bars.")
     return p.parse_args(argv)
 
 
@@ -95,6 +96,9 @@ def show_examples(settings, tok, model, n: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from search.progress import quiet_libraries
+
+    quiet_libraries(args.verbose)
     try:
         summary, adapter = load_summary(args)
     except SettingsError as err:

@@ -32,13 +32,20 @@ STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR
 def quiet_libraries(verbose: bool) -> None:
     """Library logs off by default (MLflow's database setup, Optuna's study notices, bitsandbytes' CPU kernel
     notices, which come through the `kernels` package's logger where that is installed: transformers 5.25 pulls it
-    in; Ray's notice that token authentication is on); `--verbose` leaves them as the libraries set them. Call
-    before those libraries are imported."""
+    in; Ray's notice that token authentication is on; transformers' warnings and weight-loading bars; the
+    libraries' deprecation warnings to one another, such as PEFT asking transformers for `is_gradient_checkpointing`),
+    as the search's workers have them; `--verbose` leaves them as the libraries set them. Call before those
+    libraries are imported."""
     if verbose:
         return
     import logging
+    import warnings
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars follow it
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
     for name in ("mlflow", "alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("bitsandbytes", "kernels"):

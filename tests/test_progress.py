@@ -7,6 +7,7 @@ tests/test_search_e2e.py and tests/test_report.py on a finished search."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,12 +233,21 @@ def test_a_real_search_prints_the_table_and_summary_without_library_noise(small_
         assert noise not in stdout, noise
 
 
-def test_quiet_libraries_drops_rays_token_auth_notice_but_keeps_its_warning_that_auth_is_off(caplog):
+def test_quiet_libraries_drops_rays_token_auth_notice_but_keeps_its_warning_that_auth_is_off(caplog, monkeypatch):
+    import warnings
+
     from ray._private.authentication import authentication_token_setup as auth
 
     from search.progress import quiet_libraries
 
+    for key in ("MLFLOW_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(key, raising=False)  # restored after the test, as pytest restores the warning filters
     quiet_libraries(verbose=False)
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "error" and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)  # PEFT asking transformers
+        warnings.warn("a warning of the search's own", UserWarning)
+    assert [str(w.message) for w in seen] == ["a warning of the search's own"]
     with caplog.at_level("WARNING"):
         auth._warn_token_auth_enabled()  # what ray.init logs for a new local cluster, token auth on by default
         auth._warn_token_auth_disabled()  # RAY_AUTH_MODE=disabled: anyone on the network can run code

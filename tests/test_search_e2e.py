@@ -85,3 +85,7 @@ def test_export_reloads_with_the_reported_test_f1(finished_search, tmp_path):
     reported = json.loads(summary_path.read_text())["best"]["test_f1"]
     assert abs(test_metrics(str(out))["test_f1"] - reported) <= 0.005
     assert "gold" in proc.stdout and "test F1 of the exported adapter" in proc.stdout
+    # what the user sees is the export's own lines: no library deprecation warnings (PEFT asking transformers for
+    # is_gradient_checkpointing, the renamed key/value cache), weight-loading bars or bitsandbytes' CPU kernel notice
+    for noise in ("FutureWarning", "deprecated", "Loading weights", "kernels-community"):
+        assert noise not in proc.stdout + proc.stderr, (noise, proc.stderr[-2000:])

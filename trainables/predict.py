@@ -51,7 +51,10 @@ class Classifier:
                     out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
                     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # predicts completion token 0
-                    cache = out.past_key_values
+                    # transformers 5.25 names the key/value cache `cache`, in and out (`past_key_values` still works
+                    # there, with a deprecation warning); a transformers without that name gets `past_key_values`
+                    name = "cache" if "cache" in out else "past_key_values"
+                    cache = out[name]
                     for j, c in enumerate(comps):
                         score = first[:, c[0]].double()
                         if len(c) > 1:  # completion tokens 1.. are predicted from the prompt and tokens 0..L-2
@@ -60,8 +63,8 @@ class Classifier:
                             step_mask = torch.cat([mask, torch.ones(len(rows), n, dtype=torch.long)], dim=1)
                             step_pos = lengths + torch.arange(n)
                             logits = self.model(input_ids=step_ids.to(device), attention_mask=step_mask.to(device),
-                                                position_ids=step_pos.to(device), past_key_values=cache,
-                                                use_cache=True).logits
+                                                position_ids=step_pos.to(device), use_cache=True,
+                                                **{name: cache}).logits
                             logp = torch.log_softmax(logits.float(), dim=-1).cpu()
                             score = score + logp[:, torch.arange(n), torch.tensor(c[1:])].double().sum(1)
                             cache.crop(-n)
