@@ -71,6 +71,12 @@ def test_later_trials_reuse_the_warm_host_and_report_what_a_fresh_process_report
 
     assert list_actors(filters=[("class_name", "=", "PreemptionWatcher")]) == []
     assert len(list_actors(filters=[("class_name", "=", "TrainController")])) == 4  # the filter finds Train's actors
+    # the host lives in a namespace of this job's own (hosts are never shared between searches), a named one: Ray
+    # prints a notice for each detached actor created in an anonymous namespace
+    import ray
+
+    hosts = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("qlora-warm-")]
+    assert [a["namespace"] for a in hosts] == [f"qlora-warm-{ray.get_runtime_context().get_job_id()}"]
     # isolation: the same settings give the same curve in a fresh Train worker, a new host and a host that ran others
     for m in (first, again):
         assert {k: m[k] for k in CURVE} == {k: fresh[k] for k in CURVE}

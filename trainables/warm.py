@@ -260,12 +260,17 @@ def _actor_class():
 def host_for(slot: int, node_id: str, accelerator_env: dict[str, str], allocator: str, env_vars: dict[str, str]):
     """This node's warm host for these accelerators and this allocator in `slot`, created if it does not exist, with
     `env_vars` (`allocator_env(allocator)`) in its environment."""
+    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     devices = ",".join(accelerator_env.get(k, "") for k in ACCELERATOR_ENV if k in accelerator_env) or "cpu"
     name = f"qlora-warm-{node_id[:16]}-{devices}-{slot}" + ("" if allocator == "jemalloc" else f"-{allocator}")
     return _actor_class().options(
         name=name, get_if_exists=True, lifetime="detached", num_cpus=0, max_concurrency=8, max_restarts=0,
+        # A namespace of the search's job, as its own anonymous one was: a host runs the code of the search that
+        # started it, so two searches on one cluster never share hosts. Named, so that Ray does not print its notice
+        # about a detached actor in an anonymous namespace for every host.
+        namespace=f"qlora-warm-{ray.get_runtime_context().get_job_id()}",
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         # merged into the job's runtime environment: its other variables still reach the host
         runtime_env={"env_vars": env_vars},
