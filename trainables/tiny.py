@@ -151,15 +151,7 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], spec: TinySpec = Tin
     curve = _pretrain(model, tok, texts, spec, progress) if spec.pretrain_steps > 0 else []
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one shard of 8 MB: its "Writing model shards" bar says nothing the log does not
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     info = {
         "builder_version": BUILDER_VERSION,
