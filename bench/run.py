@@ -938,13 +938,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p1-before", action="store_true", help="Also time P1's trial as it was before the per-trial "
                     "cost was cut (bench/README.md; about 4 minutes more).")
     # P2's defaults are sized for the whole benchmark to take under 40 minutes on 2 cores with native bf16 (an Intel
-    # Xeon with AMX, bench/README.md): per seed, the two searches side by side, each 12 trials of 96 steps of batch 4
-    # one at a time on 1 CPU, evaluated on the whole validation split at ASHA's rungs (steps 16 and 48) and the end;
-    # a full trial then takes about 34 s and a seed about 8 minutes. Batch 4 rather than the search's 16: the tiny
-    # model learns from 4 times fewer messages in as many steps, so P2's short trials score (bench/README.md,
-    # "Session of 2026-12-05, 05:39-08:39").
+    # Xeon with AMX, bench/README.md): per seed, the two searches side by side, each 12 trials of 192 steps of batch 4
+    # one at a time on 1 CPU, evaluated on the whole validation split at ASHA's rungs (steps 16, 48 and 144) and the
+    # end; a seed then takes about 7.5 minutes. Batch 4 rather than the search's 16: the tiny model learns from 4 times
+    # fewer messages in as many steps (bench/README.md, "Session of 2026-12-05, 05:39-08:39"). 192 steps rather than
+    # 96: with one trial at a time the first trial always runs to the end and the first rung costs every trial 16
+    # steps; at 96 steps those alone held P3 above 0.35 (bench/README.md, "Session of 2026-12-05, 15:37").
     # On a 2-core AVX2 machine a step is several times slower (bench/README.md): give P2 longer there.
-    ap.add_argument("--p2-steps", type=int, default=96)
+    ap.add_argument("--p2-steps", type=int, default=192)
     ap.add_argument("--p2-batch-size", type=int, default=4, help="Per-worker batch size of every P2 trial (both "
                     "strategies).")
     ap.add_argument("--p2-space", default=WIDE_SPACE, help=f"P2's search space (default {WIDE_SPACE}); 'cold': "
@@ -954,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p2-first-seed", type=int, default=0, help="P2's seeds are this one and the next "
                     "--p2-seeds - 1 (e.g. one more seed for an earlier run's seeds 0 and 1: --p2-first-seed 2 "
                     "--p2-seeds 1).")
-    ap.add_argument("--p2-evals", type=int, default=6, help="Evaluations per P2 trial (ASHA's rungs are at the "
+    ap.add_argument("--p2-evals", type=int, default=12, help="Evaluations per P2 trial (ASHA's rungs are at the "
                     "first, then every reduction-factor times as many steps).")
     ap.add_argument("--p2-eval-examples", type=int, default=516, help="Validation examples per P2 evaluation (default "
                     "516: the bundled data's whole validation split; on its first 128 one configuration's F1 varied "
