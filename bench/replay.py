@@ -129,29 +129,13 @@ def summary(curves: Sequence[Curve], *, metric: str, every: int, steps: int, red
             "every": every, "steps": steps, "fixed_seconds": fixed, "work_seconds": work, "rows": rows}
 
 
-def ranks(values: Sequence[Any]) -> list[float]:
-    """1-based ranks of `values` (anything that sorts), equal values given their mean rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in order[i : j + 1]:
-            out[k] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def spearman(xs: Sequence[Any], ys: Sequence[Any]) -> float | None:
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Spearman's rank correlation of two orderings (ties at their mean rank); None where either has one value."""
-    rx, ry = ranks(xs), ranks(ys)
-    if len(set(rx)) < 2 or len(set(ry)) < 2:
+    from scipy.stats import spearmanr
+
+    if len(set(xs)) < 2 or len(set(ys)) < 2:  # scipy would return nan, with a warning
         return None
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return float(spearmanr(xs, ys).statistic)
 
 
 def rung_signal(curves: Sequence[Curve], *, metric: str, rungs: Sequence[int],
