@@ -940,10 +940,11 @@ def main(argv: list[str] | None = None) -> int:
     # P2's defaults are sized for the whole benchmark to take under 40 minutes on 2 cores with native bf16 (an Intel
     # Xeon with AMX, bench/README.md): per seed, the two searches side by side, each 12 trials of 192 steps of batch 4
     # one at a time on 1 CPU, evaluated on the whole validation split at ASHA's rungs (steps 16, 48 and 144) and the
-    # end; a seed then takes about 7.5 minutes. Batch 4 rather than the search's 16: the tiny model learns from 4 times
+    # end; a seed then takes about 8 minutes. Batch 4 rather than the search's 16: the tiny model learns from 4 times
     # fewer messages in as many steps (bench/README.md, "Session of 2026-12-05, 05:39-08:39"). 192 steps rather than
     # 96: with one trial at a time the first trial always runs to the end and the first rung costs every trial 16
-    # steps; at 96 steps those alone held P3 above 0.35 (bench/README.md, "Session of 2026-12-05, 15:37").
+    # steps; at 96 steps those alone were 0.31 of P3's 0.35, room for one more trial past the first rung
+    # (bench/README.md, "Session of 2026-12-05, 15:37").
     # On a 2-core AVX2 machine a step is several times slower (bench/README.md): give P2 longer there.
     ap.add_argument("--p2-steps", type=int, default=192)
     ap.add_argument("--p2-batch-size", type=int, default=4, help="Per-worker batch size of every P2 trial (both "
