@@ -129,6 +129,56 @@ def summary(curves: Sequence[Curve], *, metric: str, every: int, steps: int, red
             "every": every, "steps": steps, "fixed_seconds": fixed, "work_seconds": work, "rows": rows}
 
 
+def searcher_bound(curves: Sequence[Curve], *, metric: str, every: int, steps: int, reduction_factor: float,
+                   fixed: float, work: float, trials: int, startup: int, seeds: int, target: float,
+                   tie_break: str | None = None, tops: Sequence[float] = (1.0, 0.5, 0.25, 0.0), replays: int = 1000,
+                   seed: int = 0) -> dict[str, Any]:
+    """How far P2 could go with a better searcher than TPE: TPE replaced by an oracle that knows every curve's
+    end.
+
+    Per replay: random search draws `trials` curves; the oracle search shares its first `startup` (TPE's start-up
+    trials are random search's first draws, as in P2), then proposes only curves from the best `top` share of those
+    that ever scored above 0, ranked by peak (top 0: the best curve alone, as a searcher that knew the best
+    configuration from the start), and runs under the search's ASHA, replayed exactly. Both draw without
+    replacement while there are curves enough. P2's ratio is then random no-ES / oracle + ASHA, time to within 1%
+    of the best either reached, at the measured `fixed` cost and `work` per full trial and with no fixed cost at
+    all. Per `top`: its curves, the oracle's P3, the median ratio, the share of replays at or past `target`, and
+    the share of medians over `seeds` replays (P2's figure) at or past it. A real searcher proposing among these
+    configurations does worse than the oracle; what it cannot show is a searcher finding a configuration better
+    than every recorded one."""
+    rng = random.Random(seed)
+    scored = sorted((c for c in curves if max(r[metric] for r in c) > 0),
+                    key=lambda c: max(r[metric] for r in c), reverse=True)
+    peak = {id(c): max(r[metric] for r in c) for c in curves}
+    rows = []
+    for top in tops:
+        pool = scored[:max(1, round(len(scored) * top))]
+        if not pool:
+            continue
+        fractions, ratios = [], {fixed: [], 0.0: []}
+        for _ in range(replays):
+            drawn = rng.sample(list(curves), trials) if trials <= len(curves) else rng.choices(curves, k=trials)
+            k = trials - startup
+            chosen = drawn[:startup] + (rng.sample(pool, k) if k <= len(pool) else rng.choices(pool, k=k))
+            ran = replay(chosen, metric=metric, mode="max", every=every, steps=steps,
+                         reduction_factor=reduction_factor, tie_break=tie_break)
+            fractions.append(sum(ran) / (trials * steps))
+            reached = max(r[metric] for c, n in zip(chosen, ran) for r in c if r["step"] <= n)
+            best = max(reached, *(peak[id(c)] for c in drawn))
+            for f, out in ratios.items():
+                full = time_to_best(drawn, [steps] * trials, best, metric=metric, steps=steps, fixed=f, work=work)[0]
+                out.append(full / time_to_best(chosen, ran, best, metric=metric, steps=steps, fixed=f, work=work)[0])
+        row = {"top": top, "curves": len(pool), "p3_mean": round(statistics.fmean(fractions), 3)}
+        for f, key in ((fixed, "measured_fixed"), (0.0, "no_fixed")):
+            medians = [statistics.median(rng.sample(ratios[f], seeds)) for _ in range(replays)]
+            row[key] = {"ratio_median": round(statistics.median(ratios[f]), 3),
+                        "replays_at_target": round(sum(x >= target for x in ratios[f]) / replays, 3),
+                        "medians_at_target": round(sum(m >= target for m in medians) / replays, 3)}
+        rows.append(row)
+    return {"trials": trials, "startup": startup, "seeds": seeds, "target": target, "replays": replays,
+            "curves_scored": len(scored), "fixed_seconds": fixed, "work_seconds": work, "rows": rows}
+
+
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Spearman's rank correlation of two orderings (ties at their mean rank); None where either has one value."""
     from scipy.stats import spearmanr
@@ -203,6 +253,17 @@ def replay_for(out: Path, settings: dict[str, Any], cost: dict[str, Any], names:
                 fixed=cost["fixed_seconds_median"], work=cost["work_seconds_full_median"], replays=replays)
     r["rungs"] = rung_signal(curves, metric="val_f1", tie_break=key,
                              rungs=sorted(set(p2_rungs(argparse.Namespace(**settings))) | {steps}))
+    from bench.run import TARGETS
+    from search.config import SearcherSettings
+
+    if not settings.get("p2_trials") or not settings.get("p2_seeds"):  # reports from before these settings
+        return r
+    r["searcher_bound"] = searcher_bound(
+        curves, metric="val_f1", tie_break=key, every=every, steps=steps,
+        reduction_factor=settings["reduction_factor"], fixed=cost["fixed_seconds_median"],
+        work=cost["work_seconds_full_median"], trials=settings["p2_trials"],
+        startup=settings.get("p2_startup_trials") or SearcherSettings().n_startup_trials,
+        seeds=settings["p2_seeds"], target=TARGETS["p2"][1])
     return r
 
 
@@ -237,7 +298,31 @@ def markdown(r: dict[str, Any], p2_factor: float) -> list[str]:
                           [[x["step"], x["curves"], f"{x['tied']:.0%}",
                             *("-" if x[k] is None else x[k] for k in ("corr_objective", "corr_with_tie_break"))]
                            for x in r["rungs"]])
+    if r.get("searcher_bound"):
+        lines += [""] + bound_markdown(r["searcher_bound"])
     return lines
+
+
+def bound_markdown(b: dict[str, Any]) -> list[str]:
+    from bench.run import md_table
+
+    lines = [f"How far a better searcher could take P2 (`searcher_bound`): TPE replaced by an oracle that knows how "
+             f"every recorded curve ends. It shares random search's first {b['startup']} trial(s), as TPE's "
+             f"start-up trials do, then proposes only configurations from the best share of the "
+             f"{b['curves_scored']} curves that ever scored, under the search's ASHA; random search as above. "
+             f"{b['trials']} trials a search, {b['replays']} replays; P2's figure is "
+             + (f"the median of {b['seeds']} seeds' ratios" if b["seeds"] > 1 else "one seed's ratio")
+             + ". A real searcher proposing among these configurations does worse than this oracle.", ""]
+    cells = []
+    for x in b["rows"]:
+        m, z = x["measured_fixed"], x["no_fixed"]
+        cells.append([f"best {x['top']:.0%} ({x['curves']})" if x["top"] else "the best curve alone (1)", x["p3_mean"], m["ratio_median"],
+                      f"{m['replays_at_target']:.0%}", f"{m['medians_at_target']:.0%}", z["ratio_median"],
+                      f"{z['medians_at_target']:.0%}"])
+    t = f"{b['target']:g}"
+    return lines + md_table(["oracle proposes from (curves)", "P3", f"ratio, median ({b['fixed_seconds']} s fixed)",
+                             f"seeds >= {t}", f"median of {b['seeds']} >= {t}", "ratio, median (no fixed cost)",
+                             f"median of {b['seeds']} >= {t} (no fixed cost)"], cells)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -916,7 +916,8 @@ def redraw(out: Path) -> None:
         for c in report["p2"]["seeds"]:
             c["bound"] = None if c.get("excluded") else ratio_bound(c)
         report["p2"]["ratio_median"], report["p2"]["ratio_median_bound"] = median_ratio(report["p2"]["seeds"])
-        if report["p2"].get("replay") is None and (out / "runs").is_dir():  # reports from before bench/replay.py
+        # reports from before bench/replay.py, or before its searcher bound (the replay is seeded: same rows again)
+        if "searcher_bound" not in (report["p2"].get("replay") or {}) and (out / "runs").is_dir():
             from bench.replay import from_report
 
             report["p2"]["replay"] = from_report(out)

@@ -214,6 +214,28 @@ def test_replay_summary_over_orders_and_budgets():
     assert r["curves"] == 4 and r["curves_above_zero"] == 1
 
 
+def test_searcher_bound_replays_an_oracle_that_proposes_only_the_best_curves_against_random_search():
+    from bench.replay import searcher_bound
+
+    good = _curve([(4, 0.0, 2.0), (8, 0.5, 1.5), (12, 0.9, 1.0)])
+    flat = _curve([(4, 0.0, 9.0), (8, 0.0, 8.9), (12, 0.0, 8.8)])
+    also_flat = _curve([(4, 0.0, 8.0), (8, 0.0, 7.9), (12, 0.0, 7.8)])
+    b = searcher_bound([good, flat, also_flat], metric="val_f1", tie_break="eval_loss", every=4, steps=12,
+                       reduction_factor=2.0, fixed=10.0, work=60.0, trials=3, startup=1, seeds=3, target=1.5,
+                       tops=(1.0, 0.0), replays=3000)
+    assert b["curves_scored"] == 1 and [x["curves"] for x in b["rows"]] == [1, 1]  # only `good` ever scored
+    # The oracle shares random search's first draw, then proposes `good` twice, which ASHA never stops (it beats
+    # the first trial at every rung): P3 1. Random search finds 0.9 in its first, second or third trial, 70 s each
+    # (1/3 each); the oracle by its second at the latest: ratios 1, 1 and 210 / 140 = 1.5, with or without the
+    # fixed cost (every trial runs to the end). P2's median of 3 seeds reaches 1.5 when 2 or 3 of them do: 7/27.
+    for row in b["rows"]:
+        assert row["p3_mean"] == 1.0
+        for key in ("measured_fixed", "no_fixed"):
+            assert row[key]["ratio_median"] == 1.0
+            assert row[key]["replays_at_target"] == pytest.approx(1 / 3, abs=0.04)
+            assert row[key]["medians_at_target"] == pytest.approx(7 / 27, abs=0.04)
+
+
 def test_rank_correlation_ranks_ties_at_their_mean_and_says_nothing_for_a_rung_where_all_tie():
     from bench.replay import spearman
 
@@ -258,7 +280,7 @@ def test_replay_reads_the_curves_of_trials_that_trained_to_the_end_from_a_real_t
                    run_config=tune.RunConfig(name="tune", storage_path=str(search), verbose=0)).fit()
     finally:
         ray.shutdown()
-    report = {"settings": {"p2_steps": 12, "p2_evals": 3, "reduction_factor": 3.0},
+    report = {"settings": {"p2_steps": 12, "p2_evals": 3, "reduction_factor": 3.0, "p2_trials": 4, "p2_seeds": 3},
               "p2": {"trial_cost": {"fixed_seconds_median": 10.0, "work_seconds_full_median": 30.0},
                      "runs": [{"name": "p2-random_fifo-seed0"}, {"name": "p2-tpe_asha-seed0"}]}}
     (tmp_path / "report.json").write_text(json.dumps(report))
@@ -266,6 +288,9 @@ def test_replay_reads_the_curves_of_trials_that_trained_to_the_end_from_a_real_t
     assert r["curves"] == 1 and r["curves_above_zero"] == 1 and r["every"] == 4
     # every budget draws that one curve again and again: equal at every rung, so none is stopped, and no best
     assert [(x["p3_mean"], x["no_best"], x["best_stopped"]) for x in r["rows"]] == [(1.0, 1.0, None)] * 12
+    # and the oracle searcher has the same one curve to propose: every trial of both searches is that curve, so
+    # both reach its 0.6 in their first trial: ratio 1
+    assert [x["measured_fixed"]["ratio_median"] for x in r["searcher_bound"]["rows"]] == [1.0] * 4
     from bench.replay import recorded_curves
 
     curves = recorded_curves([search], "val_f1", "eval_loss", 12)
