@@ -787,7 +787,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"Bare loop {p['bare_seconds']} s (process start to exit, val_f1 {p['bare_objective']})"
                   + (f", and {p['bare_again_seconds']} s run again after the trials; the ratios divide by the mean, "
                      f"{p['bare_seconds_mean']} s" if "bare_seconds_mean" in p else "") + ". The same "
-                  f"trial through `search.run`, from Tune starting it to Tune seeing it end"
+                  "trial through `search.run`, from Tune starting it to Tune seeing it end"
                   + (" (first: the search's first trial, which starts the node's warm host; after: the second, "
                      "the same point again, which finds it warm, as every later trial of a search does; P1 is "
                      "after's ratio)" if "first" in p else "") + ": "
@@ -827,7 +827,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"Each search: {st['p2_trials']} trials, {st.get('p2_concurrency', 2)} at a time ({cpus} CPU "
                       f"each), of {st['p2_steps']} steps of batch {p2_batch(st)} with an evaluation of "
                       f"{st['p2_eval_examples']} validation "
-                      + (f"messages at ASHA's rungs and the last step (both strategies, `--p2-eval-at-rungs`), on "
+                      + ("messages at ASHA's rungs and the last step (both strategies, `--p2-eval-at-rungs`), on "
                          if st.get("p2_eval_at_rungs") else f"messages every {every} steps, on ")
                       + f"`{st['p2_space']}`. TPE starts with "
                       + (f"{st['p2_startup_trials']} random start-up trial(s) (`--p2-startup-trials`)"
@@ -839,7 +839,7 @@ def markdown(report: dict[str, Any]) -> str:
                       + (", as are the values TPE is told (`searcher.tie_break`)" if st.get("searcher_tie_break")
                          else "")
                       + ". Random search runs every "
-                      f"trial to the end. Same seed, trial budget and concurrency for both"
+                      "trial to the end. Same seed, trial budget and concurrency for both"
                       + (", one after the other." if apart else
                          ": the two searches of a seed run side by side, started together, each in its own process, "
                          "both on one local Ray the benchmark starts, so both meet the same CPU steal. The one that "

@@ -239,7 +239,6 @@ def bare_loop(s, state: dict[str, Any], barrier: dict[str, Any] | None = None) -
     double quant in the compute dtype, get_peft_model, SFTTrainer), on the same encoded examples."""
     import tempfile
 
-    import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig

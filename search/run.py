@@ -11,11 +11,9 @@ summarize (summary.json, MLflow champion).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from search.config import ExperimentConfig, dump_config, load_config

@@ -5,8 +5,6 @@ import pytest
 from trainables.data import DataError, dedupe, load_splits, oversample, read_examples, split
 from trainables.settings import DataSettings
 
-from conftest import SMS
-
 
 def _tsv(tmp_path, rows, name="d.tsv"):
     p = tmp_path / name

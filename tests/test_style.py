@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainables import metrics as M
-from trainables.settings import StyleSettings, SettingsError, load_trial_settings
+from trainables.settings import StyleSettings, SettingsError
 from trainables.style import (QA, STYLE_TOKENS, TERSE, VERBOSE, Decoding, Generations, StyleEvaluator,
                               StyleFormatter, add_style_tokens, answer_sentence, load_style_splits, separation)
 

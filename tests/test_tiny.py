@@ -1,6 +1,5 @@
 import json
 
-import pytest
 
 from trainables.tiny import TinySpec, build_tiny_model
 
