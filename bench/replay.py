@@ -158,8 +158,8 @@ def searcher_bound(curves: Sequence[Curve], *, metric: str, every: int, steps: i
         fractions, ratios = [], {fixed: [], 0.0: []}
         for _ in range(replays):
             drawn = rng.sample(list(curves), trials) if trials <= len(curves) else rng.choices(curves, k=trials)
-            k = trials - startup
-            chosen = drawn[:startup] + (rng.sample(pool, k) if k <= len(pool) else rng.choices(pool, k=k))
+            k = max(0, trials - startup)
+            chosen = drawn[:trials - k] + (rng.sample(pool, k) if k <= len(pool) else rng.choices(pool, k=k))
             ran = replay(chosen, metric=metric, mode="max", every=every, steps=steps,
                          reduction_factor=reduction_factor, tie_break=tie_break)
             fractions.append(sum(ran) / (trials * steps))
@@ -253,11 +253,11 @@ def replay_for(out: Path, settings: dict[str, Any], cost: dict[str, Any], names:
                 fixed=cost["fixed_seconds_median"], work=cost["work_seconds_full_median"], replays=replays)
     r["rungs"] = rung_signal(curves, metric="val_f1", tie_break=key,
                              rungs=sorted(set(p2_rungs(argparse.Namespace(**settings))) | {steps}))
+    if not settings.get("p2_trials") or not settings.get("p2_seeds"):  # reports from before these settings
+        return r
     from bench.run import TARGETS
     from search.config import SearcherSettings
 
-    if not settings.get("p2_trials") or not settings.get("p2_seeds"):  # reports from before these settings
-        return r
     r["searcher_bound"] = searcher_bound(
         curves, metric="val_f1", tie_break=key, every=every, steps=steps,
         reduction_factor=settings["reduction_factor"], fixed=cost["fixed_seconds_median"],
@@ -298,7 +298,7 @@ def markdown(r: dict[str, Any], p2_factor: float) -> list[str]:
                           [[x["step"], x["curves"], f"{x['tied']:.0%}",
                             *("-" if x[k] is None else x[k] for k in ("corr_objective", "corr_with_tie_break"))]
                            for x in r["rungs"]])
-    if r.get("searcher_bound"):
+    if (r.get("searcher_bound") or {}).get("rows"):  # none where no curve ever scored
         lines += [""] + bound_markdown(r["searcher_bound"])
     return lines
 
@@ -316,9 +316,9 @@ def bound_markdown(b: dict[str, Any]) -> list[str]:
     cells = []
     for x in b["rows"]:
         m, z = x["measured_fixed"], x["no_fixed"]
-        cells.append([f"best {x['top']:.0%} ({x['curves']})" if x["top"] else "the best curve alone (1)", x["p3_mean"], m["ratio_median"],
-                      f"{m['replays_at_target']:.0%}", f"{m['medians_at_target']:.0%}", z["ratio_median"],
-                      f"{z['medians_at_target']:.0%}"])
+        cells.append([f"best {x['top']:.0%} ({x['curves']})" if x["top"] else "the best curve alone (1)",
+                      x["p3_mean"], m["ratio_median"], f"{m['replays_at_target']:.0%}",
+                      f"{m['medians_at_target']:.0%}", z["ratio_median"], f"{z['medians_at_target']:.0%}"])
     t = f"{b['target']:g}"
     return lines + md_table(["oracle proposes from (curves)", "P3", f"ratio, median ({b['fixed_seconds']} s fixed)",
                              f"seeds >= {t}", f"median of {b['seeds']} >= {t}", "ratio, median (no fixed cost)",

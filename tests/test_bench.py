@@ -234,6 +234,20 @@ def test_searcher_bound_replays_an_oracle_that_proposes_only_the_best_curves_aga
             assert row[key]["ratio_median"] == 1.0
             assert row[key]["replays_at_target"] == pytest.approx(1 / 3, abs=0.04)
             assert row[key]["medians_at_target"] == pytest.approx(7 / 27, abs=0.04)
+    # with fewer trials than start-up trials the oracle never proposes: it is random search, ratio 1
+    few = searcher_bound([good, flat, also_flat], metric="val_f1", tie_break="eval_loss", every=4, steps=12,
+                         reduction_factor=2.0, fixed=10.0, work=60.0, trials=2, startup=3, seeds=3, target=1.5,
+                         replays=50)
+    assert {row["measured_fixed"]["ratio_median"] for row in few["rows"]} == {1.0}
+    # where no curve ever scored there is nothing to propose, and the report leaves the table out
+    none = searcher_bound([flat, also_flat], metric="val_f1", every=4, steps=12, reduction_factor=2.0, fixed=10.0,
+                          work=60.0, trials=2, startup=1, seeds=3, target=1.5, replays=10)
+    assert none["curves_scored"] == 0 and none["rows"] == []
+    from bench.replay import markdown
+
+    replayed = {"curves": 2, "curves_above_zero": 0, "every": 4, "replays": 10, "fixed_seconds": 10.0,
+                "work_seconds": 60.0, "rows": [], "searcher_bound": none}
+    assert not any("searcher_bound" in line for line in markdown(replayed, 2.0))
 
 
 def test_rank_correlation_ranks_ties_at_their_mean_and_says_nothing_for_a_rung_where_all_tie():
