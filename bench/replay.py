@@ -146,18 +146,15 @@ def searcher_bound(curves: Sequence[Curve], *, metric: str, every: int, steps: i
     the share of medians over `seeds` replays (P2's figure) at or past it. A real searcher proposing among these
     configurations does worse than the oracle; what it cannot show is a searcher finding a configuration better
     than every recorded one."""
-    rng = random.Random(seed)
-    scored = sorted((c for c in curves if max(r[metric] for r in c) > 0),
-                    key=lambda c: max(r[metric] for r in c), reverse=True)
+    rng, curves = random.Random(seed), list(curves)
     peak = {id(c): max(r[metric] for r in c) for c in curves}
+    scored = sorted((c for c in curves if peak[id(c)] > 0), key=lambda c: peak[id(c)], reverse=True)
     rows = []
-    for top in tops:
+    for top in tops if scored else ():  # no curve that ever scored: nothing for the oracle to propose
         pool = scored[:max(1, round(len(scored) * top))]
-        if not pool:
-            continue
         fractions, ratios = [], {fixed: [], 0.0: []}
         for _ in range(replays):
-            drawn = rng.sample(list(curves), trials) if trials <= len(curves) else rng.choices(curves, k=trials)
+            drawn = rng.sample(curves, trials) if trials <= len(curves) else rng.choices(curves, k=trials)
             k = max(0, trials - startup)
             chosen = drawn[:trials - k] + (rng.sample(pool, k) if k <= len(pool) else rng.choices(pool, k=k))
             ran = replay(chosen, metric=metric, mode="max", every=every, steps=steps,
