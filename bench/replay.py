@@ -24,6 +24,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
+# The objective's value when a trial has learned nothing it measures: F1 0, or a token separation of 1 (both styles
+# answer at the same length). A curve "scored" when its peak is above it.
+NO_SIGNAL = {"val_f1": 0.0, "val_separation": 1.0}
+
 Curve = list[dict[str, float]]  # one trial's reports in order: {"step", metric, tie-break metric}
 
 
@@ -90,7 +94,8 @@ def time_to_best(curves: Sequence[Curve], ran: Sequence[int], best: float, *, me
 
 def summary(curves: Sequence[Curve], *, metric: str, every: int, steps: int, reduction_factor: float,
             fixed: float, work: float, tie_break: str | None = None, budgets: Sequence[int] = (6, 12, 24, 48),
-            factors: Sequence[float] | None = None, replays: int = 200, seed: int = 0) -> dict[str, Any]:
+            factors: Sequence[float] | None = None, replays: int = 200, seed: int = 0,
+            floor: float = 0.0) -> dict[str, Any]:
     """Per trial budget and reduction factor: P3 (mean and 10-90% range over `replays` random orders), how often the
     best trial of the replay was stopped (every trial with the best peak value stopped before its end), how often
     ASHA never came within 1% of the best (stopped before it got there), and the median P2 ratio (random no-ES /
@@ -125,20 +130,21 @@ def summary(curves: Sequence[Curve], *, metric: str, every: int, steps: int, red
                          "no_best": round(undecided / replays, 3),
                          "ratio_median": round(statistics.median(ratios), 3)})
     return {"tie_break": tie_break, "curves": len(curves),
-            "curves_above_zero": sum(max(r[metric] for r in c) > 0 for c in curves), "replays": replays,
+            "curves_above_zero": sum(max(r[metric] for r in c) > floor for c in curves), "floor": floor,
+            "replays": replays,
             "every": every, "steps": steps, "fixed_seconds": fixed, "work_seconds": work, "rows": rows}
 
 
 def searcher_bound(curves: Sequence[Curve], *, metric: str, every: int, steps: int, reduction_factor: float,
                    fixed: float, work: float, trials: int, startup: int, seeds: int, target: float,
                    tie_break: str | None = None, tops: Sequence[float] = (1.0, 0.5, 0.25, 0.0), replays: int = 1000,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, floor: float = 0.0) -> dict[str, Any]:
     """How far P2 could go with a better searcher than TPE: TPE replaced by an oracle that knows every curve's
     end.
 
     Per replay: random search draws `trials` curves; the oracle search shares its first `startup` (TPE's start-up
     trials are random search's first draws, as in P2), then proposes only curves from the best `top` share of those
-    that ever scored above 0, ranked by peak (top 0: the best curve alone, as a searcher that knew the best
+    that ever scored above `floor`, ranked by peak (top 0: the best curve alone, as a searcher that knew the best
     configuration from the start), and runs under the search's ASHA, replayed exactly. Both draw without
     replacement while there are curves enough. P2's ratio is then random no-ES / oracle + ASHA, time to within 1%
     of the best either reached, at the measured `fixed` cost and `work` per full trial and with no fixed cost at
@@ -148,7 +154,7 @@ def searcher_bound(curves: Sequence[Curve], *, metric: str, every: int, steps: i
     than every recorded one."""
     rng, curves = random.Random(seed), list(curves)
     peak = {id(c): max(r[metric] for r in c) for c in curves}
-    scored = sorted((c for c in curves if peak[id(c)] > 0), key=lambda c: peak[id(c)], reverse=True)
+    scored = sorted((c for c in curves if peak[id(c)] > floor), key=lambda c: peak[id(c)], reverse=True)
     rows = []
     for top in tops if scored else ():  # no curve that ever scored: nothing for the oracle to propose
         pool = scored[:max(1, round(len(scored) * top))]
@@ -236,7 +242,11 @@ def replay_for(out: Path, settings: dict[str, Any], cost: dict[str, Any], names:
 
     key = tie_break or run_tie_break(settings)
     steps, every = settings["p2_steps"], settings["p2_steps"] // settings["p2_evals"]
-    curves = recorded_curves([out / "runs" / n for n in names], "val_f1", key, steps)
+    from bench.run import p2_objective
+
+    metric = p2_objective(settings)[0]
+    floor = NO_SIGNAL.get(metric, 0.0)
+    curves = recorded_curves([out / "runs" / n for n in names], metric, key, steps)
     if not curves:
         return None
     if any(key not in r for c in curves for r in c):
@@ -244,11 +254,11 @@ def replay_for(out: Path, settings: dict[str, Any], cost: dict[str, Any], names:
               file=sys.stderr)
     from bench.run import p2_rungs
 
-    r = summary(curves, metric="val_f1", tie_break=key, every=every, steps=steps,
+    r = summary(curves, metric=metric, floor=floor, tie_break=key, every=every, steps=steps,
                 reduction_factor=settings["reduction_factor"], factors=sorted({2.0, 3.0, 4.0,
                                                                                settings["reduction_factor"]}),
                 fixed=cost["fixed_seconds_median"], work=cost["work_seconds_full_median"], replays=replays)
-    r["rungs"] = rung_signal(curves, metric="val_f1", tie_break=key,
+    r["rungs"] = rung_signal(curves, metric=metric, tie_break=key,
                              rungs=sorted(set(p2_rungs(argparse.Namespace(**settings))) | {steps}))
     if not settings.get("p2_trials") or not settings.get("p2_seeds"):  # reports from before these settings
         return r
@@ -256,7 +266,7 @@ def replay_for(out: Path, settings: dict[str, Any], cost: dict[str, Any], names:
     from search.config import SearcherSettings
 
     r["searcher_bound"] = searcher_bound(
-        curves, metric="val_f1", tie_break=key, every=every, steps=steps,
+        curves, metric=metric, floor=floor, tie_break=key, every=every, steps=steps,
         reduction_factor=settings["reduction_factor"], fixed=cost["fixed_seconds_median"],
         work=cost["work_seconds_full_median"], trials=settings["p2_trials"],
         startup=settings.get("p2_startup_trials") or SearcherSettings().n_startup_trials,
@@ -268,7 +278,7 @@ def markdown(r: dict[str, Any], p2_factor: float) -> list[str]:
     from bench.run import TIE_BREAK_WORDS, md_table
 
     lines = [f"{r['curves']} learning curves recorded by P2's random searches (every trial to the end; "
-             f"{r['curves_above_zero']} of them ever scored above 0), replayed through the search's own ASHA "
+             f"{r['curves_above_zero']} of them ever scored above {r.get('floor', 0.0):g}), replayed through the search's own ASHA "
              f"(`search.resilience.ASHA`: grace one evaluation of {r['every']} steps, ties at a rung by "
              f"{TIE_BREAK_WORDS[r.get('tie_break') or 'eval_loss']}) "
              f"one trial at a time, {r['replays']} random orders per row; budgets above {r['curves']} draw curves "

@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/sms_spam.yaml"
 SPACE = "spaces/classification.yaml"  # `--p2-space cold`: this without its warm-start point (`cold_space`)
 WIDE_SPACE = "bench/space-wide.yaml"  # P2's default: the space a user writes before knowing the model
+STYLE_CONFIG = "configs/style_squad.yaml"  # `--p2-task style`: the style-control search ...
+STYLE_SPACE = "bench/space-style-wide.yaml"  # ... on its wide space, as for classification
 TARGETS = {"p1": ("<=", 1.3), "p2": (">=", 3.0), "p3": ("<=", 0.35), "p4": ("<=", 0.05), "p5": ("<=", 0.01)}
 
 
@@ -117,13 +119,13 @@ class Bench:
         return self.searches([(name, extra, env)], steps, every, eval_examples)[0]
 
     def searches(self, jobs: list[tuple[str, list[str], dict[str, str] | None]], steps: int, every: int,
-                 eval_examples: int | None = None) -> list[dict[str, Any]]:
+                 eval_examples: int | None = None, config: str = CONFIG) -> list[dict[str, Any]]:
         """Run a `python -m search.run` for each (name, extra --set arguments, env), all at once, each in its own
         process (and its own local Ray, unless `extra` sets `ray_address`); each one's summary.json plus its
         command's wall time and CPU steal."""
         cmds = []
         for name, extra, env in jobs:
-            cmd = [sys.executable, "-m", "search.run", "--config", CONFIG, "--name", name,
+            cmd = [sys.executable, "-m", "search.run", "--config", config, "--name", name,
                    *self.sets(name, steps, every, eval_examples or self.args.eval_examples),
                    "--set", "test_evaluation=false", *extra]
             log = self.out / "logs" / f"{name}.log"
@@ -158,14 +160,14 @@ class Bench:
         return out
 
 
-def trial_settings(steps: int, every: int, eval_examples: int) -> dict[str, Any]:
+def trial_settings(steps: int, every: int, eval_examples: int, config: str = CONFIG) -> dict[str, Any]:
     """The settings of the search's first trial (the space's warm-start point) with the tiny model resolved."""
     from search.config import load_config
     from search.driver import resolve_model
     from search.space import load_space
     from trainables.data import resolve_path
 
-    cfg = load_config(CONFIG, [f"trial.optim.max_steps={steps}", f"trial.eval.every_steps={every}",
+    cfg = load_config(config, [f"trial.optim.max_steps={steps}", f"trial.eval.every_steps={every}",
                                f"trial.eval.max_examples={eval_examples}", f"model_cache={ROOT / '.cache'}"])
     cfg = resolve_model(cfg)
     point = load_space(resolve_path(cfg.space)).points_to_evaluate[0]
@@ -420,8 +422,28 @@ def p2_cpus(machine_cpus: int | None, concurrency: int, together: bool) -> int:
     return max(1, (machine_cpus or 1) // (concurrency * (2 if together else 1)))
 
 
+def p2_config(settings: dict[str, Any]) -> str:
+    """The search config P2's searches start from: the classification search's, or with `--p2-task style` the
+    style-control search's (reports from before `--p2-task` were all classification)."""
+    return STYLE_CONFIG if settings.get("p2_task") == "style" else CONFIG
+
+
+def p2_objective(settings: dict[str, Any]) -> tuple[str, str]:
+    """(metric, mode) of P2's searches: what their config optimizes."""
+    from search.config import load_config
+
+    objective = load_config(p2_config(settings), []).objective
+    return objective.metric, objective.mode
+
+
+def p2_space_name(settings: dict[str, Any]) -> str:
+    """`--p2-space` as given, else the wide space of P2's task."""
+    return settings.get("p2_space") or (STYLE_SPACE if settings.get("p2_task") == "style" else WIDE_SPACE)
+
+
 def p2_space(b: Bench) -> Path:
-    return cold_space(b.out) if b.args.p2_space == "cold" else (ROOT / b.args.p2_space).resolve()
+    name = p2_space_name(vars(b.args))
+    return cold_space(b.out) if name == "cold" else (ROOT / name).resolve()
 
 
 STRATEGIES = (("tpe_asha", True), ("random_fifo", False))
@@ -450,6 +472,8 @@ def strategy_sets(b: Bench, seed: int, tpe_asha: bool) -> list[str]:
             extra += ["--set", f"scheduler.tie_break={key}", "--set", f"searcher.tie_break={key}"]
         if b.args.p2_startup_trials:
             extra += ["--set", f"searcher.n_startup_trials={b.args.p2_startup_trials}"]
+    if vars(b.args).get("p2_task") == "style":  # the style task evaluates on its own held-out questions (trial.style)
+        extra += ["--set", f"trial.style.eval_questions={b.args.p2_eval_examples}"]
     if b.args.p2_eval_at_rungs:  # both evaluate at the rungs TPE + ASHA's trials evaluate at (scheduler.eval_at_rungs)
         extra += ["--set", f"trial.eval.at_steps={p2_rungs(b.args)}"]
     return extra + [a for kv in getattr(b.args, "p2_set", None) or [] for a in ("--set", kv)]
@@ -468,7 +492,7 @@ def p2_rungs(args: argparse.Namespace) -> list[int]:
     """ASHA's rungs in P2's TPE + ASHA searches (search.config.ExperimentConfig.asha_rungs)."""
     from search.config import load_config
 
-    return load_config(CONFIG, [f"trial.optim.max_steps={args.p2_steps}",
+    return load_config(p2_config(vars(args)), [f"trial.optim.max_steps={args.p2_steps}",
                                 f"trial.eval.every_steps={args.p2_steps // args.p2_evals}",
                                 f"scheduler.reduction_factor={args.reduction_factor}"]).asha_rungs()
 
@@ -507,14 +531,15 @@ def seed_runs(b: Bench, seed: int) -> dict[str, dict[str, Any]]:
         summaries = {}
         for key, job in jobs.items():
             _say(f"P2: seed {seed}, {key.replace('_', ' + ')}: {what}")
-            summaries[key] = b.searches([job], steps, every, b.args.p2_eval_examples)[0]
+            summaries[key] = b.searches([job], steps, every, b.args.p2_eval_examples, p2_config(vars(b.args)))[0]
     else:
         _say(f"P2: seed {seed}, TPE + ASHA and random search side by side: {what} each")
         ray = SharedRay(os.cpu_count() or 1)
         try:
             jobs = {k: (name, extra + ["--set", f"ray_address={ray.address}"], env)
                     for k, (name, extra, env) in jobs.items()}
-            summaries = dict(zip(jobs, b.searches(list(jobs.values()), steps, every, b.args.p2_eval_examples)))
+            summaries = dict(zip(jobs, b.searches(list(jobs.values()), steps, every, b.args.p2_eval_examples,
+                                                  p2_config(vars(b.args)))))
         finally:
             ray.close()
     pair = {key: strategy_result(b, jobs[key][0], seed, s) for key, s in summaries.items()}
@@ -596,12 +621,13 @@ def p2(b: Bench) -> dict[str, Any]:
 
     # The built-in model, once, before any search: on a new checkout (`--only p2`) both searches of seed 0 would
     # otherwise build it at once, inside the wall time their time-to-best counts from (2026-12-04: 381 s each).
-    resolve_model(load_config(CONFIG, [f"model_cache={ROOT / '.cache'}"]))
+    resolve_model(load_config(p2_config(vars(b.args)), [f"model_cache={ROOT / '.cache'}"]))
+    metric, mode = p2_objective(vars(b.args))
     seeds = list(range(b.args.p2_first_seed, b.args.p2_first_seed + b.args.p2_seeds))
     per_seed, runs = [], []
     for seed in seeds:
         pair = seed_runs(b, seed)
-        c = compare(pair, "max")
+        c = compare(pair, mode)
         c["seed"] = seed
         per_seed.append(c)
         runs.extend(pair.values())
@@ -616,7 +642,7 @@ def p2(b: Bench) -> dict[str, Any]:
         cost["ceiling"] = round(ceiling(cost["fixed_seconds_median"], cost["work_seconds_full_median"], fraction), 3)
         cost["ceiling_without_fixed"] = round(1 / fraction, 3)
     return {
-        "trial_cost": cost,
+        "objective": {"metric": metric, "mode": mode}, "trial_cost": cost,
         "replay": p2_replay(b, cost, runs) if fixed and work else None,
         "seeds": per_seed, "runs": runs, "ratio_median": median, "ratio_median_bound": bound,
         "p3": {"steps_fraction": round(fraction, 3),
@@ -641,7 +667,8 @@ def p4(b: Bench, trials: list[dict[str, float]]) -> dict[str, Any]:
     from trainables.tasks import build_task
 
     every = b.args.p2_steps // b.args.p2_evals
-    s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, every, b.args.p2_eval_examples))
+    s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, every, b.args.p2_eval_examples,
+                                                    p2_config(vars(b.args))))
     tok = load_tokenizer(s.model)
     t = time.time()
     task = build_task(s, tok, cache=False)
@@ -657,6 +684,11 @@ def p4(b: Bench, trials: list[dict[str, float]]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The report.
+
+
+def p2_metric(report: dict[str, Any]) -> str:
+    """The objective P2's searches optimized (val_f1 in reports from before `--p2-task`)."""
+    return (report.get("p2", {}).get("objective") or {}).get("metric", "val_f1")
 
 
 def verdict(key: str, value: float | None) -> str:
@@ -684,7 +716,7 @@ def plots(out: Path, report: dict[str, Any]) -> list[str]:
             ax.step(xs, ys, style, where="post", color=color,
                     label=f"{'TPE+ASHA' if style == '-' else 'random, no ES'} seed {r['seed']}")
         ax.set_xlabel("wall time since the search command started (s)")
-        ax.set_ylabel("best val_f1 so far (best evaluation per trial)")
+        ax.set_ylabel(f"best {p2_metric(report)} so far (best evaluation per trial)")
         ax.set_title("P2: best so far vs wall time (solid: TPE + ASHA, dashed: random without early stopping)")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -827,9 +859,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"Each search: {st['p2_trials']} trials, {st.get('p2_concurrency', 2)} at a time ({cpus} CPU "
                       f"each), of {st['p2_steps']} steps of batch {p2_batch(st)} with an evaluation of "
                       f"{st['p2_eval_examples']} validation "
-                      + ("messages at ASHA's rungs and the last step (both strategies, `--p2-eval-at-rungs`), on "
-                         if st.get("p2_eval_at_rungs") else f"messages every {every} steps, on ")
-                      + f"`{st['p2_space']}`. TPE starts with "
+                      + (f"{'questions' if st.get('p2_task') == 'style' else 'messages'} at ASHA's rungs and the last step (both strategies, `--p2-eval-at-rungs`), on "
+                         if st.get("p2_eval_at_rungs") else f"examples every {every} steps, on ")
+                      + f"`{p2_space_name(st)}`. TPE starts with "
                       + (f"{st['p2_startup_trials']} random start-up trial(s) (`--p2-startup-trials`)"
                          if st.get("p2_startup_trials")
                          else "Optuna's random start-up trials (searcher.n_startup_trials)")
@@ -855,7 +887,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"Seed {c['seed']} is left out of the median: {c['excluded']}." for c in p["seeds"]
                   if c.get("excluded")]
         lines.append("")
-        lines += md_table(["search", "wall (s)", "best val_f1", "steps run / full", "stopped early", "failed",
+        lines += md_table(["search", "wall (s)", f"best {p2_metric(report)}", "steps run / full", "stopped early", "failed",
                            "CPU stolen"],
                           [[r["name"], f"{r['wall_seconds']:.0f}", r["best_value"],
                             f"{r['steps_run']}/{r['steps_full']}", r["stopped_early"], r["failed"],
@@ -950,8 +982,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p2-steps", type=int, default=192)
     ap.add_argument("--p2-batch-size", type=int, default=4, help="Per-worker batch size of every P2 trial (both "
                     "strategies).")
-    ap.add_argument("--p2-space", default=WIDE_SPACE, help=f"P2's search space (default {WIDE_SPACE}); 'cold': "
-                    f"{SPACE} without its warm-start point.")
+    ap.add_argument("--p2-task", choices=("classification", "style"), default="classification", help=f"P2's "
+                    f"searches: the SMS spam classification search ({CONFIG}, F1) or the style-control search "
+                    f"({STYLE_CONFIG}, token separation).")
+    ap.add_argument("--p2-space", help=f"P2's search space (default {WIDE_SPACE}, or {STYLE_SPACE} with --p2-task "
+                    f"style); 'cold': {SPACE} without its warm-start point.")
     ap.add_argument("--p2-trials", type=int, default=12)
     ap.add_argument("--p2-seeds", type=int, default=3)
     ap.add_argument("--p2-first-seed", type=int, default=0, help="P2's seeds are this one and the next "
@@ -959,9 +994,9 @@ def main(argv: list[str] | None = None) -> int:
                     "--p2-seeds 1).")
     ap.add_argument("--p2-evals", type=int, default=12, help="Evaluations per P2 trial (ASHA's rungs are at the "
                     "first, then every reduction-factor times as many steps).")
-    ap.add_argument("--p2-eval-examples", type=int, default=516, help="Validation examples per P2 evaluation (default "
-                    "516: the bundled data's whole validation split; on its first 128 one configuration's F1 varied "
-                    "twice as much between seeds).")
+    ap.add_argument("--p2-eval-examples", type=int, help="Validation examples per P2 evaluation (default 516: the "
+                    "bundled data's whole validation split; on its first 128 one configuration's F1 varied twice as "
+                    "much between seeds. With --p2-task style: held-out questions, default 32).")
     ap.add_argument("--p2-eval-at-rungs", action=argparse.BooleanOptionalAction, default=True, help="Both P2 "
                     "strategies evaluate only at ASHA's rungs and at the end (scheduler.eval_at_rungs), not every "
                     "--p2-steps / --p2-evals steps.")
@@ -982,6 +1017,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-examples", type=int, default=128, help="Validation examples per P1 evaluation.")
     ap.add_argument("--redraw", metavar="DIR", help="Only redraw the plots and report.md of an earlier run in DIR.")
     args = ap.parse_args(argv)
+    if args.p2_eval_examples is None:
+        args.p2_eval_examples = 32 if args.p2_task == "style" else 516
     if args.redraw:
         redraw(Path(args.redraw))
         return 0

@@ -345,6 +345,54 @@ def test_p2_eval_at_rungs_gives_both_strategies_the_rungs_asha_decides_at():
         assert extra[-2:] == ["--set", "trial.optim.lr_scheduler=constant"]
 
 
+def test_p2_task_style_runs_the_style_search_on_its_wide_space_and_its_objective():
+    import argparse
+
+    from bench.run import ROOT, STYLE_SPACE, WIDE_SPACE, p2_config, p2_objective, p2_space, strategy_sets
+
+    args = argparse.Namespace(p2_trials=6, p2_concurrency=1, p2_apart=False, p2_space=None, p2_steps=72,
+                              p2_evals=18, reduction_factor=3.0, p2_eval_at_rungs=True, p2_startup_trials=None,
+                              p2_task="style", p2_eval_examples=32)
+    b = argparse.Namespace(args=args, out=None)
+    assert p2_config(vars(args)) == "configs/style_squad.yaml"
+    assert p2_objective(vars(args)) == ("val_separation", "max")
+    assert p2_space(b) == (ROOT / STYLE_SPACE).resolve()
+    for tpe_asha in (True, False):
+        extra = strategy_sets(b, 0, tpe_asha)
+        assert f"space={(ROOT / STYLE_SPACE).resolve()}" in extra
+        assert "trial.style.eval_questions=32" in extra  # the style task's evaluation size, not max_examples
+    # the classification task, and reports from before --p2-task, are the SMS spam search on its wide space
+    for settings in ({"p2_task": "classification"}, {}):
+        assert p2_config(settings) == "configs/sms_spam.yaml" and p2_objective(settings) == ("val_f1", "max")
+    args.p2_task = "classification"
+    assert p2_space(b) == (ROOT / WIDE_SPACE).resolve()
+    assert not any("style" in x for x in strategy_sets(b, 0, True))
+    # the style space's keys are the style search's settings (loading it checks every key against TrialSettings)
+    from search.space import load_space
+
+    assert "style.terse_repeats" in load_space(ROOT / STYLE_SPACE).params
+
+
+def test_searcher_bound_counts_a_separation_of_one_as_no_score():
+    """Token separation 1 is both styles at one length: a trial that learned nothing, as F1 0 is for classification.
+    The bound's oracle proposes only curves that rose above it."""
+    from bench.replay import NO_SIGNAL, searcher_bound
+
+    def sep(points):
+        return [{"step": s, "val_separation": v, "eval_loss": loss} for s, v, loss in points]
+
+    good = sep([(4, 1.0, 2.0), (8, 3.0, 1.5), (12, 2.0, 1.0)])
+    flat = sep([(4, 1.0, 9.0), (8, 1.0, 8.9), (12, 1.0, 8.8)])
+    b = searcher_bound([good, flat, flat], metric="val_separation", tie_break="eval_loss", every=4, steps=12,
+                       reduction_factor=2.0, fixed=10.0, work=60.0, trials=3, startup=1, seeds=3, target=1.5,
+                       tops=(1.0,), replays=200, floor=NO_SIGNAL["val_separation"])
+    assert b["curves_scored"] == 1 and b["rows"][0]["curves"] == 1
+    above_zero = searcher_bound([good, flat, flat], metric="val_separation", tie_break="eval_loss", every=4, steps=12,
+                                reduction_factor=2.0, fixed=10.0, work=60.0, trials=3, startup=1, seeds=3,
+                                target=1.5, tops=(1.0,), replays=10)
+    assert above_zero["curves_scored"] == 3  # with F1's floor every flat curve would count as scored
+
+
 def test_the_report_names_p2s_batch_size_from_the_flag_a_p2_set_or_the_searchs_default():
     from bench.run import p2_batch
 
