@@ -659,7 +659,7 @@ def p2(b: Bench) -> dict[str, Any]:
 # P4: data preparation, one-time vs per trial.
 
 
-def p4(b: Bench, trials: list[dict[str, float]]) -> dict[str, Any]:
+def p4(b: Bench, trials: list[dict[str, float]], config: str = CONFIG) -> dict[str, Any]:
     """The one-time preparation (read, split, tokenize; measured here, without the cache) against what each trial
     spent on its data: tokenizing (`tokenize_seconds`) and in all (`data_seconds`, reading the cache included)."""
     from trainables.model import load_tokenizer
@@ -667,8 +667,7 @@ def p4(b: Bench, trials: list[dict[str, float]]) -> dict[str, Any]:
     from trainables.tasks import build_task
 
     every = b.args.p2_steps // b.args.p2_evals
-    s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, every, b.args.p2_eval_examples,
-                                                    p2_config(vars(b.args))))
+    s = TrialSettings.model_validate(trial_settings(b.args.p2_steps, every, b.args.p2_eval_examples, config))
     tok = load_tokenizer(s.model)
     t = time.time()
     task = build_task(s, tok, cache=False)
@@ -1017,6 +1016,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-examples", type=int, default=128, help="Validation examples per P1 evaluation.")
     ap.add_argument("--redraw", metavar="DIR", help="Only redraw the plots and report.md of an earlier run in DIR.")
     args = ap.parse_args(argv)
+    if args.p2_task == "style" and (args.p2_space == "cold" or args.tie_break == "val_ap"):
+        ap.error("--p2-task style: --p2-space cold and --tie-break val_ap are the classification search's (its "
+                 "space without its warm-start point; the minority label's average precision)")
     if args.p2_eval_examples is None:
         args.p2_eval_examples = 32 if args.p2_task == "style" else 516
     if args.redraw:
@@ -1048,7 +1050,9 @@ def main(argv: list[str] | None = None) -> int:
     if "p4" in parts:
         per_trial = report.get("p2", {}).get("data_per_trial") or (
             [report["p1"]["after"]["data"]] if "p1" in report else [])
-        report["p4"] = p4(b, per_trial)
+        # the one-time preparation of the task whose trials it is compared with: P2's, or P1's (classification)
+        report["p4"] = p4(b, per_trial, p2_config(vars(args)) if report.get("p2", {}).get("data_per_trial")
+                          else CONFIG)
         _say(f"P4: ratio {report['p4']['ratio']}")
     report["wall_seconds"] = round(time.time() - t0, 1)
     report["cpu_steal"] = steal_since(cpu0)

@@ -345,7 +345,7 @@ def test_p2_eval_at_rungs_gives_both_strategies_the_rungs_asha_decides_at():
         assert extra[-2:] == ["--set", "trial.optim.lr_scheduler=constant"]
 
 
-def test_p2_task_style_runs_the_style_search_on_its_wide_space_and_its_objective():
+def test_p2_task_style_runs_the_style_search_on_its_wide_space_and_its_objective(tmp_path):
     import argparse
 
     from bench.run import ROOT, STYLE_SPACE, WIDE_SPACE, p2_config, p2_objective, p2_space, strategy_sets
@@ -371,6 +371,13 @@ def test_p2_task_style_runs_the_style_search_on_its_wide_space_and_its_objective
     from search.space import load_space
 
     assert "style.terse_repeats" in load_space(ROOT / STYLE_SPACE).params
+    # the classification search's own options are refused for the style task before anything runs
+    from bench.run import main
+
+    for flags in (["--p2-space", "cold"], ["--tie-break", "val_ap"]):
+        with pytest.raises(SystemExit):
+            main(["--p2-task", "style", *flags, "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
 
 
 def test_searcher_bound_counts_a_separation_of_one_as_no_score():
