@@ -238,12 +238,12 @@ def replay_for(out: Path, settings: dict[str, Any], cost: dict[str, Any], names:
                replays: int = 200, tie_break: str | None = None) -> dict[str, Any] | None:
     """The replay of these random searches' curves, ties at a rung ordered by `tie_break` (default: as the run's
     TPE + ASHA searches ordered them)."""
+    from bench.run import TARGETS, p2_objective, p2_rungs
     from bench.run import tie_break as run_tie_break
+    from search.config import SearcherSettings
 
     key = tie_break or run_tie_break(settings)
     steps, every = settings["p2_steps"], settings["p2_steps"] // settings["p2_evals"]
-    from bench.run import p2_objective
-
     metric = p2_objective(settings)[0]
     floor = NO_SIGNAL.get(metric, 0.0)
     curves = recorded_curves([out / "runs" / n for n in names], metric, key, steps)
@@ -252,8 +252,6 @@ def replay_for(out: Path, settings: dict[str, Any], cost: dict[str, Any], names:
     if any(key not in r for c in curves for r in c):
         print(f"bench.replay: {out}'s curves do not all have {key}; ties are left unordered where it is missing",
               file=sys.stderr)
-    from bench.run import p2_rungs
-
     r = summary(curves, metric=metric, floor=floor, tie_break=key, every=every, steps=steps,
                 reduction_factor=settings["reduction_factor"], factors=sorted({2.0, 3.0, 4.0,
                                                                                settings["reduction_factor"]}),
@@ -262,9 +260,6 @@ def replay_for(out: Path, settings: dict[str, Any], cost: dict[str, Any], names:
                              rungs=sorted(set(p2_rungs(argparse.Namespace(**settings))) | {steps}))
     if not settings.get("p2_trials") or not settings.get("p2_seeds"):  # reports from before these settings
         return r
-    from bench.run import TARGETS
-    from search.config import SearcherSettings
-
     r["searcher_bound"] = searcher_bound(
         curves, metric=metric, floor=floor, tie_break=key, every=every, steps=steps,
         reduction_factor=settings["reduction_factor"], fixed=cost["fixed_seconds_median"],
@@ -278,7 +273,8 @@ def markdown(r: dict[str, Any], p2_factor: float) -> list[str]:
     from bench.run import TIE_BREAK_WORDS, md_table
 
     lines = [f"{r['curves']} learning curves recorded by P2's random searches (every trial to the end; "
-             f"{r['curves_above_zero']} of them ever scored above {r.get('floor', 0.0):g}), replayed through the search's own ASHA "
+             f"{r['curves_above_zero']} of them ever scored above {r.get('floor', 0.0):g}), replayed through the "
+             f"search's own ASHA "
              f"(`search.resilience.ASHA`: grace one evaluation of {r['every']} steps, ties at a rung by "
              f"{TIE_BREAK_WORDS[r.get('tie_break') or 'eval_loss']}) "
              f"one trial at a time, {r['replays']} random orders per row; budgets above {r['curves']} draw curves "

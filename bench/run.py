@@ -37,6 +37,7 @@ SPACE = "spaces/classification.yaml"  # `--p2-space cold`: this without its warm
 WIDE_SPACE = "bench/space-wide.yaml"  # P2's default: the space a user writes before knowing the model
 STYLE_CONFIG = "configs/style_squad.yaml"  # `--p2-task style`: the style-control search ...
 STYLE_SPACE = "bench/space-style-wide.yaml"  # ... on its wide space, as for classification
+P2_TASKS = {"classification": (CONFIG, WIDE_SPACE), "style": (STYLE_CONFIG, STYLE_SPACE)}  # (config, default space)
 TARGETS = {"p1": ("<=", 1.3), "p2": (">=", 3.0), "p3": ("<=", 0.35), "p4": ("<=", 0.05), "p5": ("<=", 0.01)}
 
 
@@ -425,7 +426,7 @@ def p2_cpus(machine_cpus: int | None, concurrency: int, together: bool) -> int:
 def p2_config(settings: dict[str, Any]) -> str:
     """The search config P2's searches start from: the classification search's, or with `--p2-task style` the
     style-control search's (reports from before `--p2-task` were all classification)."""
-    return STYLE_CONFIG if settings.get("p2_task") == "style" else CONFIG
+    return P2_TASKS[settings.get("p2_task") or "classification"][0]
 
 
 def p2_objective(settings: dict[str, Any]) -> tuple[str, str]:
@@ -438,7 +439,7 @@ def p2_objective(settings: dict[str, Any]) -> tuple[str, str]:
 
 def p2_space_name(settings: dict[str, Any]) -> str:
     """`--p2-space` as given, else the wide space of P2's task."""
-    return settings.get("p2_space") or (STYLE_SPACE if settings.get("p2_task") == "style" else WIDE_SPACE)
+    return settings.get("p2_space") or P2_TASKS[settings.get("p2_task") or "classification"][1]
 
 
 def p2_space(b: Bench) -> Path:
@@ -621,8 +622,9 @@ def p2(b: Bench) -> dict[str, Any]:
 
     # The built-in model, once, before any search: on a new checkout (`--only p2`) both searches of seed 0 would
     # otherwise build it at once, inside the wall time their time-to-best counts from (2026-12-04: 381 s each).
-    resolve_model(load_config(p2_config(vars(b.args)), [f"model_cache={ROOT / '.cache'}"]))
-    metric, mode = p2_objective(vars(b.args))
+    cfg = load_config(p2_config(vars(b.args)), [f"model_cache={ROOT / '.cache'}"])
+    resolve_model(cfg)
+    metric, mode = cfg.objective.metric, cfg.objective.mode
     seeds = list(range(b.args.p2_first_seed, b.args.p2_first_seed + b.args.p2_seeds))
     per_seed, runs = [], []
     for seed in seeds:
@@ -858,8 +860,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"Each search: {st['p2_trials']} trials, {st.get('p2_concurrency', 2)} at a time ({cpus} CPU "
                       f"each), of {st['p2_steps']} steps of batch {p2_batch(st)} with an evaluation of "
                       f"{st['p2_eval_examples']} validation "
-                      + (f"{'questions' if st.get('p2_task') == 'style' else 'messages'} at ASHA's rungs and the last step (both strategies, `--p2-eval-at-rungs`), on "
-                         if st.get("p2_eval_at_rungs") else f"examples every {every} steps, on ")
+                      + ("questions" if st.get("p2_task") == "style" else "messages")
+                      + (" at ASHA's rungs and the last step (both strategies, `--p2-eval-at-rungs`), on "
+                         if st.get("p2_eval_at_rungs") else f" every {every} steps, on ")
                       + f"`{p2_space_name(st)}`. TPE starts with "
                       + (f"{st['p2_startup_trials']} random start-up trial(s) (`--p2-startup-trials`)"
                          if st.get("p2_startup_trials")
@@ -886,8 +889,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"Seed {c['seed']} is left out of the median: {c['excluded']}." for c in p["seeds"]
                   if c.get("excluded")]
         lines.append("")
-        lines += md_table(["search", "wall (s)", f"best {p2_metric(report)}", "steps run / full", "stopped early", "failed",
-                           "CPU stolen"],
+        lines += md_table(["search", "wall (s)", f"best {p2_metric(report)}", "steps run / full", "stopped early",
+                           "failed", "CPU stolen"],
                           [[r["name"], f"{r['wall_seconds']:.0f}", r["best_value"],
                             f"{r['steps_run']}/{r['steps_full']}", r["stopped_early"], r["failed"],
                             _pct(r.get("cpu_steal"))] for r in p["runs"]])
