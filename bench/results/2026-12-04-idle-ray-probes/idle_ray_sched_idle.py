@@ -8,7 +8,7 @@ def idle_all_threads(pid="self"):
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0)); n += 1
-        except OSError as e:
+        except OSError:
             pass
     return n
 @ray.remote(num_cpus=0)

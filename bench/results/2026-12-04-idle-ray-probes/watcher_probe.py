@@ -4,12 +4,10 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]
 mode = sys.argv[1]
 if mode == "on":
     os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"
-import ray
 from search.driver import start_local_ray
 from tests.test_warm import _fit
-from trainables.settings import load_trial_settings
 start_local_ray(2)
-import tests.conftest as c
+import tests.conftest as c  # noqa: F401 (imported for what it sets up)
 cpu = {}
 stop = False
 def watch():

@@ -1,5 +1,5 @@
 """The same trial's SFT loop trained twice in one process, no Ray: does the second train slower?"""
-import sys, time, json, os, gc, ctypes
+import sys, json, gc, ctypes
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))
 from bench.run import trial_settings
 from trainables.settings import TrialSettings

@@ -9,7 +9,6 @@ from bench.run import SharedRay, CONFIG, ROOT
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 extra = sys.argv[2:]
 ray_ = SharedRay(2)
-import ray
 from ray.util.state import list_tasks, list_workers, list_actors
 try:
     name = "probe"

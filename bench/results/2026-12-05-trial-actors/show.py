@@ -1,4 +1,4 @@
-import json, ast, sys
+import json, sys
 s = json.load(open(sys.argv[1]))
 workers = {w['worker_id']: w for w in s['workers']}
 rows = []

@@ -3,7 +3,7 @@
 Prints one JSON line: each run's seconds and the process's resident MiB after it, and its peak.
 
 python host_rss.py jemalloc|system [RUNS] [STEPS]"""
-import concurrent.futures, json, os, sys, time
+import concurrent.futures, json, sys, time
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))
 import ray
 from search.driver import start_local_ray
