@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -149,8 +150,12 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], spec: TinySpec = Tin
     )
     model = Qwen3ForCausalLM(config)
     curve = _pretrain(model, tok, texts, spec, progress) if spec.pretrain_steps > 0 else []
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # this process's own: never shared with another build
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     info = {
@@ -203,13 +208,30 @@ def corpus_for(settings=None) -> tuple[list[str], str, TinySpec]:
 def ensure_tiny_model(cache_dir: str | Path, settings=None, spec: TinySpec | None = None, progress=None) -> Path:
     """Return the cached tiny model for this corpus and spec, building it on first use.
 
-    `settings`: TrialSettings (the task picks the corpus) or DataSettings of a classification file."""
+    `settings`: TrialSettings (the task picks the corpus) or DataSettings of a classification file. One process
+    builds it: another that needs the same model meanwhile (two searches started at once on a new machine) waits on
+    a file lock beside it and then loads the finished one, rather than building it again and replacing the
+    directory under the first one's search."""
+    from filelock import FileLock, Timeout
+
     texts, corpus_id, task_spec = corpus_for(settings)
     spec = spec or task_spec
     path = Path(cache_dir) / f"tiny-qwen3-{spec.key(corpus_id)}"
     if (path / "build_info.json").exists():
         return path
-    return build_tiny_model(path, texts, spec, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        (progress or log.info)(f"another process is building the tiny model in {path}; waiting for it")
+        lock.acquire()
+    try:
+        if (path / "build_info.json").exists():
+            return path
+        return build_tiny_model(path, texts, spec, progress)
+    finally:
+        lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
