@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -152,8 +153,6 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], spec: TinySpec = Tin
     curve = _pretrain(model, tok, texts, spec, progress) if spec.pretrain_steps > 0 else []
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # this process's own: never shared with another build
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -168,8 +167,6 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], spec: TinySpec = Tin
     }
     (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)  # atomic: a half-built model is never mistaken for a finished one
     progress(f"tiny model ({info['params']:,} params) written to {out} in {info['build_seconds']} s")
