@@ -333,11 +333,13 @@ def best_so_far_curve(histories: dict[str, list[dict]], origin: float, mode: str
     return curve
 
 
+def reaches(value: float, target: float, mode: str) -> bool:
+    """Whether `value` is at `target` or beyond it, in the objective's direction."""
+    return value >= target if mode == "max" else value <= target
+
+
 def time_to_reach(curve: list[tuple[float, float]], target: float, mode: str) -> float | None:
-    for t, v in curve:
-        if (v >= target) if mode == "max" else (v <= target):
-            return t
-    return None
+    return next((t for t, v in curve if reaches(v, target, mode)), None)
 
 
 def within(best: float, mode: str, tol: float = 0.01) -> float:
@@ -383,12 +385,16 @@ def best_config_stopped(runs: dict[str, dict[str, Any]], target: float, mode: st
     for t in (runs.get("tpe_asha") or {}).get("trials") or []:
         if not t["stopped_early"]:
             continue
-        match = next((u for u in full if u["params"] == t["params"]
-                      and ((u["value"] >= target) if mode == "max" else (u["value"] <= target))), None)
+        match = next((u for u in full if u["params"] == t["params"] and reaches(u["value"], target, mode)), None)
         if match:
             found.append({"params": t["params"], "stopped_at_step": t["steps"], "value_when_stopped": t["value"],
                           "value_run_to_the_end": match["value"]})
     return found
+
+
+def best_config_stopped_seeds(seeds: list[dict[str, Any]]) -> list[int]:
+    """The seeds in which `best_config_stopped` found one (P3's summary of the per-seed check)."""
+    return [c["seed"] for c in seeds if c.get("best_config_stopped")]
 
 
 def ratio_bound(c: dict[str, Any]) -> str | None:
@@ -449,10 +455,15 @@ def p2_cpus(machine_cpus: int | None, concurrency: int, together: bool) -> int:
     return max(1, (machine_cpus or 1) // (concurrency * (2 if together else 1)))
 
 
+def p2_task(settings: dict[str, Any]) -> tuple[str, str]:
+    """(config, default space) of P2's task (reports from before `--p2-task` were all classification)."""
+    return P2_TASKS[settings.get("p2_task") or "classification"]
+
+
 def p2_config(settings: dict[str, Any]) -> str:
     """The search config P2's searches start from: the classification search's, or with `--p2-task style` the
-    style-control search's (reports from before `--p2-task` were all classification)."""
-    return P2_TASKS[settings.get("p2_task") or "classification"][0]
+    style-control search's."""
+    return p2_task(settings)[0]
 
 
 def p2_objective(settings: dict[str, Any]) -> tuple[str, str]:
@@ -465,7 +476,7 @@ def p2_objective(settings: dict[str, Any]) -> tuple[str, str]:
 
 def p2_space_name(settings: dict[str, Any]) -> str:
     """`--p2-space` as given, else the wide space of P2's task."""
-    return settings.get("p2_space") or P2_TASKS[settings.get("p2_task") or "classification"][1]
+    return settings.get("p2_space") or p2_task(settings)[1]
 
 
 def p2_space(b: Bench) -> Path:
@@ -677,7 +688,7 @@ def p2(b: Bench) -> dict[str, Any]:
         "p3": {"steps_fraction": round(fraction, 3),
                "per_seed": [round(r["steps_run"] / r["steps_full"], 3) for r in asha],
                "best_ever_stopped_early": any(r["best_stopped_early"] for r in asha),
-               "best_config_stopped_seeds": [c["seed"] for c in per_seed if c.get("best_config_stopped")],
+               "best_config_stopped_seeds": best_config_stopped_seeds(per_seed),
                "best_undecided_seeds": [r["seed"] for r in asha if r["best_stopped_early"] is None]},
         "p5": {"mlflow_seconds": round(sum(r["mlflow_seconds"] for r in runs), 2),
                "wall_seconds": round(sum(r["search_wall_seconds"] for r in runs), 1)},
@@ -1006,7 +1017,7 @@ def backfill_best_config_stopped(out: Path, p2: dict[str, Any]) -> None:
                                                              "summary.json").read_text())["trials"])}
                 for key, _ in STRATEGIES}
         c["best_config_stopped"] = best_config_stopped(runs, c["target"], mode)
-    p2["p3"]["best_config_stopped_seeds"] = [c["seed"] for c in p2["seeds"] if c.get("best_config_stopped")]
+    p2["p3"]["best_config_stopped_seeds"] = best_config_stopped_seeds(p2["seeds"])
 
 
 def redraw(out: Path) -> None:
